@@ -1,0 +1,208 @@
+"""The payment ledger: one entry per escrow (per task attempt), merging, totals, tables.
+
+An entry is a plain dict (so a run's ``pf_ledger`` artifact reads back with the
+Metaflow client even where pf_metaflow is not installed). Amounts are decimal
+strings with 6 places. Every change of state bumps ``seq``; when the same entry
+arrives by two roads (a join's two inputs, an artifact and a metadata record,
+a later ``reconcile``), the one with the higher ``seq`` wins.
+
+Statuses: ``locked`` (funds held), ``released`` (paid to the agent),
+``refunded`` (back to the payer), ``refund_pending`` (coming back by itself at
+``expected_at``; the live service has no refund call), ``unknown`` (a create
+whose outcome could not be learned; ``reason`` says how to check).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from decimal import Decimal
+from typing import Any, Iterable, Mapping
+
+from .money import ZERO, usdc_str
+
+STATUSES = ("locked", "released", "refunded", "refund_pending", "unknown")
+OPEN_STATUSES = frozenset({"locked", "unknown", "refund_pending"})
+TOTAL_KEYS = ("locked", "released", "refunded", "refund_pending", "unknown", "fees", "net_paid")
+# A create the service refused outright: no escrow exists. Kept in task metadata
+# so the intent record written before the create is closed, never shown in ledgers.
+VOID = "void"
+
+Entry = dict[str, Any]
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_entry(
+    *,
+    ref: str,
+    run: str,
+    step: str,
+    task: str,
+    attempt: int,
+    recipient: str,
+    amount_usdc: Decimal,
+    description: str,
+    label: str = "",
+    shard: str | None = None,
+    idempotency_key: str | None = None,
+    timeout_hours: int | None = None,
+    referral_code: str | None = None,
+) -> Entry:
+    """The record written before an escrow is created (status ``unknown`` until it is)."""
+    return {
+        "ref": ref,
+        "escrow_id": None,
+        "run": run,
+        "step": step,
+        "task": str(task),
+        "attempt": int(attempt),
+        "shard": shard,
+        "label": label,
+        "recipient": recipient,
+        "amount_usdc": usdc_str(amount_usdc),
+        "fee_usdc": usdc_str(ZERO),
+        "net_usdc": usdc_str(ZERO),
+        "status": "unknown",
+        "created_at": utcnow(),
+        "settled_at": None,
+        "expected_at": None,
+        "reason": "create sent; outcome not yet recorded",
+        "description": description,
+        "idempotency_key": idempotency_key,
+        "timeout_hours": timeout_hours,
+        "referral_code": referral_code,
+        "seq": 0,
+    }
+
+
+def advance(entry: Mapping[str, Any], **changes: Any) -> Entry:
+    """A copy of ``entry`` in its next state."""
+    nxt = dict(entry)
+    nxt.update(changes)
+    nxt["seq"] = int(entry.get("seq", 0)) + 1
+    return nxt
+
+
+def merge(*ledgers: Iterable[Mapping[str, Any]] | None) -> list[Entry]:
+    """Union of ledgers: one entry per ``ref``, the most advanced state wins.
+
+    Sorted by creation time, so a merged ledger reads in the order money moved.
+    """
+    best: dict[str, Entry] = {}
+    for ledger in ledgers:
+        for entry in ledger or ():
+            ref = entry["ref"]
+            if ref not in best or int(entry.get("seq", 0)) > int(best[ref].get("seq", 0)):
+                best[ref] = dict(entry)
+    kept = [e for e in best.values() if e.get("status") != VOID]
+    return sorted(kept, key=lambda e: (e.get("created_at") or "", e["ref"]))
+
+
+def totals(entries: Iterable[Mapping[str, Any]]) -> dict[str, Decimal]:
+    """Sums by outcome. ``fees`` counts commissions charged or due; ``net_paid`` what agents got."""
+    out = {k: ZERO for k in TOTAL_KEYS}
+    for e in entries:
+        status = e.get("status")
+        amount = Decimal(e["amount_usdc"])
+        if status in out:
+            out[status] += amount
+        out["fees"] += Decimal(e.get("fee_usdc") or "0")
+        out["net_paid"] += Decimal(e.get("net_usdc") or "0")
+    return out
+
+
+def escrow_key(step: str, foreach_indices: Iterable[int] = ()) -> str:
+    """The ``pf_escrows`` key of a task: ``train``, or ``score[3]`` inside a foreach."""
+    return step + "".join(f"[{i}]" for i in foreach_indices)
+
+
+def escrow_map(entries: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """``pf_escrows``: step (or step[index]) to the escrow id of its latest attempt."""
+    out: dict[str, tuple[int, str]] = {}
+    for e in entries:
+        if not e.get("escrow_id"):
+            continue
+        key = e.get("shard") or e["step"]
+        if key not in out or e["attempt"] >= out[key][0]:
+            out[key] = (e["attempt"], e["escrow_id"])
+    return {k: v for k, (_, v) in sorted(out.items())}
+
+
+def to_json(run: str, entries: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``pf-metaflow ledger --json`` document."""
+    t = totals(entries)
+    return {
+        "run": run,
+        "entries": [dict(e) for e in entries],
+        "totals": {k: usdc_str(t[k]) for k in TOTAL_KEYS},
+    }
+
+
+_COLUMNS = (
+    ("step", "step"),
+    ("task", "task"),
+    ("attempt", "try"),
+    ("escrow_id", "escrow"),
+    ("recipient", "agent"),
+    ("amount_usdc", "amount"),
+    ("fee_usdc", "fee"),
+    ("net_usdc", "net"),
+    ("status", "status"),
+    ("reason", "reason"),
+)
+
+
+def rows(entries: Iterable[Mapping[str, Any]]) -> list[list[str]]:
+    """Table rows (strings) for people: the CLI table and the card share them."""
+    out = []
+    for e in entries:
+        row = []
+        for key, _ in _COLUMNS:
+            value = e.get(key)
+            if key == "step" and e.get("shard"):
+                value = e["shard"]
+            if key == "reason" and e.get("status") == "released":
+                value = ""
+            row.append("" if value is None else str(value))
+        out.append(row)
+    return out
+
+
+def headers() -> list[str]:
+    return [title for _, title in _COLUMNS]
+
+
+def total_lines(entries: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    t = totals(entries)
+    return [
+        ("released (paid)", usdc_str(t["released"])),
+        ("refunded", usdc_str(t["refunded"])),
+        ("refund pending", usdc_str(t["refund_pending"])),
+        ("still locked", usdc_str(t["locked"])),
+        ("unknown", usdc_str(t["unknown"])),
+        ("fees", usdc_str(t["fees"])),
+        ("net to agents", usdc_str(t["net_paid"])),
+    ]
+
+
+def format_table(entries: list[Mapping[str, Any]], *, title: str = "") -> str:
+    """A plain-text table with totals, for terminals and logs."""
+    head = headers()
+    body = rows(entries)
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(head)]
+    widths[-1] = min(widths[-1], 60)
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = [title] if title else []
+    out.append(line(head))
+    out.append(line(["-" * w for w in widths]))
+    out.extend(line(r) for r in body)
+    if not body:
+        out.append("(no escrows)")
+    out.append("")
+    out.extend(f"{name:>16}: {amount} USDC" for name, amount in total_lines(entries))
+    return "\n".join(out)
