@@ -6,6 +6,6 @@ that never imports pf_metaflow: Metaflow discovers this module through its
 """
 
 STEP_DECORATORS_DESC = [
-    ("pf_escrow_step", "pf_metaflow.decorator.PfEscrowStepDecorator"),
-    ("pf_ledger_join", "pf_metaflow.decorator.PfLedgerJoinDecorator"),
+    ("pf_escrow_step", "pf_metaflow._step_decorator.PfEscrowStepDecorator"),
+    ("pf_ledger_join", "pf_metaflow._step_decorator.PfLedgerJoinDecorator"),
 ]
