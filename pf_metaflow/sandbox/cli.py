@@ -1,0 +1,179 @@
+"""``pf-metaflow sandbox …``: run and inspect the local sandbox escrow.
+
+Commands: ``serve``, ``register NAME``, ``faucet AGENT``, ``balance``, ``check``. Each
+takes ``--db PATH`` (else ``$PF_SANDBOX_DB``, else ``./.pf_sandbox/escrow.db``) and
+returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from ..errors import PurpleFleaError
+from ..money import usdc_str
+from .engine import SandboxEngine
+
+
+def _rate(text: str) -> tuple[int, float]:
+    """``N/SECONDS`` (e.g. ``20/60``) -> (20, 60.0)."""
+    count, sep, seconds = text.partition("/")
+    try:
+        rate = (int(count), float(seconds if sep else "60"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N/SECONDS such as 20/60, got {text!r}"
+        ) from None
+    if rate[0] < 1 or not rate[1] > 0:
+        raise argparse.ArgumentTypeError(f"expected N >= 1 and SECONDS > 0, got {text!r}")
+    return rate
+
+
+def add_sandbox_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``sandbox`` and its subcommands; each sets ``func(args) -> int``."""
+    db_option = argparse.ArgumentParser(add_help=False)
+    db_option.add_argument(
+        "--db", metavar="PATH",
+        help="sandbox database file (default: $PF_SANDBOX_DB or ./.pf_sandbox/escrow.db)",
+    )
+    sandbox = subparsers.add_parser(
+        "sandbox", help="run and inspect the local sandbox escrow",
+        description="The local sandbox escrow: Purple Flea's rules on a SQLite file, test money.",
+    )
+    sandbox.set_defaults(func=lambda args: _usage(sandbox))
+    commands = sandbox.add_subparsers(dest="sandbox_command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", parents=[db_option], help="serve the sandbox escrow over HTTP",
+        description="Serve the live escrow wire protocol plus sandbox extensions on HOST:PORT.",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed)")
+    serve.add_argument("--no-idempotency", action="store_true",
+                       help="ignore Idempotency-Key headers, as the live service does")
+    serve.add_argument("--no-refund", action="store_true",
+                       help="no POST /escrow/refund/{id}, as the live service")
+    serve.add_argument("--create-rate", type=_rate, metavar="N/SECONDS",
+                       help="limit creates per client address (live: 20/60)")
+    serve.add_argument("--release-rate", type=_rate, metavar="N/SECONDS",
+                       help="limit releases and refunds per client address (live: 30/60)")
+    serve.set_defaults(func=cmd_serve)
+
+    register = commands.add_parser(
+        "register", parents=[db_option], help="register an agent and print its sandbox key",
+    )
+    register.add_argument("name")
+    register.add_argument("--json", action="store_true", help="print JSON")
+    register.set_defaults(func=cmd_register)
+
+    faucet = commands.add_parser(
+        "faucet", parents=[db_option], help="give an agent free test USDC",
+    )
+    faucet.add_argument("agent", metavar="AGENT")
+    faucet.add_argument("--amount", help="USDC to claim (default 100)")
+    faucet.set_defaults(func=cmd_faucet)
+
+    balance = commands.add_parser(
+        "balance", parents=[db_option], help="every agent's balance, locked funds, house fees",
+    )
+    balance.add_argument("--json", action="store_true", help="print JSON (amounts as strings)")
+    balance.set_defaults(func=cmd_balance)
+
+    check = commands.add_parser(
+        "check", parents=[db_option], help="verify minted == balances + locked + house fees",
+    )
+    check.set_defaults(func=cmd_check)
+    return sandbox
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _engine(args: argparse.Namespace) -> SandboxEngine:
+    return SandboxEngine(args.db if args.db else SandboxEngine.default_path())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(
+        args.host, args.port, args.db,
+        idempotency=not args.no_idempotency,
+        refunds=not args.no_refund,
+        create_rate=args.create_rate,
+        release_rate=args.release_rate,
+    )
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    try:
+        agent = _engine(args).register(args.name)
+    except PurpleFleaError as exc:
+        print(f"pf-metaflow sandbox register: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(agent))
+    else:
+        print(f"agent_id:      {agent['agent_id']}")
+        print(f"api_key:       {agent['api_key']}   (sandbox key: local test money only)")
+        print(f"referral_code: {agent['referral_code']}")
+    return 0
+
+
+def cmd_faucet(args: argparse.Namespace) -> int:
+    try:
+        claim = _engine(args).claim(args.agent, args.amount)
+    except PurpleFleaError as exc:
+        print(f"pf-metaflow sandbox faucet: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"{claim['agent_id']}: claimed {usdc_str(claim['claimed'])} USDC, "
+          f"balance {usdc_str(claim['balance'])} USDC")
+    return 0
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    from .server import balances_json
+
+    balances = balances_json(_engine(args).balances())
+    if args.json:
+        print(json.dumps(balances, indent=2))
+        return 0
+    width = max([len(a) for a in balances["agents"]] + [5])
+    print(f"{'agent':<{width}}  {'usdc':>20}  {'locked':>20}")
+    for agent, b in balances["agents"].items():
+        print(f"{agent:<{width}}  {b['usdc']:>20}  {b['locked']:>20}")
+    print(f"house fees: {balances['house_fees']} USDC   minted: {balances['minted']} USDC")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    try:
+        engine.check_invariant()
+    except AssertionError as exc:
+        print(f"pf-metaflow sandbox check: {exc}", file=sys.stderr)
+        return 1
+    totals = engine.balances()
+    print(f"ok: minted {usdc_str(totals['minted'])} USDC all accounted for "
+          f"(house fees {usdc_str(totals['house_fees'])} USDC) in {engine.path}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m pf_metaflow.sandbox.cli``: the sandbox commands alone."""
+    parser = argparse.ArgumentParser(prog="pf-metaflow")
+    add_sandbox_commands(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
