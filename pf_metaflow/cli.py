@@ -88,6 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `pf-metaflow ledger X | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
     except PurpleFleaError as exc:
         print(f"pf-metaflow: {exc.message}", file=sys.stderr)
         return 2
