@@ -255,7 +255,8 @@ if __name__ == "__main__":
     ('agent_wallet="0xABC123", amount_usdc=1', "looks like an on-chain wallet address"),
     ('agent_wallet="bob smith", amount_usdc=1', "is not a Purple Flea agent id"),
     ('agent_wallet="ag_sandbox_worker", budget_key="trian"', "budget_key 'trian' is not a step"),
-    ('agent_wallet="ag_sandbox_worker", amount_usdc=1, release_if="accuracy >>= 3"', "release_if 'accuracy >>= 3': the right side must be"),
+    ('agent_wallet="ag_sandbox_worker", amount_usdc=1, release_if="accuracy >>= 3"',
+     "release_if 'accuracy >>= 3': the right side must be"),
     ('agent_wallet="ag_sandbox_worker", amount_usdc=1, timeout_hours=0', "timeout_hours must be"),
 ])
 def test_wrong_use_is_caught_when_the_flow_is_checked(ws, args, message):
