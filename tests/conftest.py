@@ -87,12 +87,17 @@ def _server_env() -> dict:
 
 
 @contextmanager
-def running_sandbox_server(db: Path, *flags: str, timeout: float = 30.0) -> Iterator[SandboxServer]:
-    """``pf-metaflow sandbox serve --port 0 --db DB FLAGS`` until the block ends."""
+def running_sandbox_server(
+    db: Path, *flags: str, command: list[str] | None = None, timeout: float = 30.0
+) -> Iterator[SandboxServer]:
+    """``pf-metaflow sandbox serve --port 0 --db DB FLAGS`` until the block ends.
+
+    ``command`` replaces the whole command line (it must print the "serving on URL" line).
+    """
     db = Path(db)
     db.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pf_metaflow", "sandbox", "serve", "--port", "0",
-           "--db", str(db), *flags]
+    cmd = command or [sys.executable, "-m", "pf_metaflow", "sandbox", "serve", "--port", "0",
+                      "--db", str(db), *flags]
     with tempfile.TemporaryFile(mode="w+") as stderr:
         process = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
@@ -141,8 +146,8 @@ def start_sandbox_server():
     """A factory: ``start_sandbox_server(db, *flags) -> SandboxServer``; all stopped after."""
     stack = []
 
-    def start(db: Path, *flags: str) -> SandboxServer:
-        manager = running_sandbox_server(db, *flags)
+    def start(db: Path, *flags: str, command: list[str] | None = None) -> SandboxServer:
+        manager = running_sandbox_server(db, *flags, command=command)
         server = manager.__enter__()
         stack.append(manager)
         return server

@@ -1,0 +1,129 @@
+"""``pf-metaflow sandbox …`` through real subprocesses (``python -m pf_metaflow``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from pf_metaflow.sandbox.engine import SandboxEngine
+
+D = Decimal
+
+
+def pf(*args: str, cwd: Path, env_db: Path | None = None, exe: list[str] | None = None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
+    if env_db is not None:
+        env["PF_SANDBOX_DB"] = str(env_db)
+    return subprocess.run(
+        [*(exe or [sys.executable, "-m", "pf_metaflow"]), "sandbox", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_balance_json_of_a_new_sandbox_under_the_working_directory(tmp_path):
+    result = pf("balance", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data == {
+        "agents": {"ag_sandbox_payer": {"usdc": "1000000.000000", "locked": "0.000000"},
+                   "ag_sandbox_worker": {"usdc": "0.000000", "locked": "0.000000"}},
+        "house_fees": "0.000000",
+        "minted": "1000000.000000",
+    }
+    assert (tmp_path / ".pf_sandbox" / "escrow.db").exists()
+
+
+def test_pf_sandbox_db_chooses_the_file_and_db_overrides_it(tmp_path):
+    assert pf("check", cwd=tmp_path, env_db=tmp_path / "env.db").returncode == 0
+    assert (tmp_path / "env.db").exists()
+    assert pf("check", "--db", str(tmp_path / "flag.db"), cwd=tmp_path,
+              env_db=tmp_path / "env.db").returncode == 0
+    assert (tmp_path / "flag.db").exists()
+    assert not (tmp_path / ".pf_sandbox").exists()
+
+
+def test_register_then_faucet_then_balance(tmp_path):
+    db = tmp_path / "escrow.db"
+    registered = pf("register", "labeler", "--json", "--db", str(db), cwd=tmp_path)
+    assert registered.returncode == 0, registered.stderr
+    agent = json.loads(registered.stdout)
+    assert SandboxEngine(db).agent_for_key(agent["api_key"]) == agent["agent_id"]
+
+    claimed = pf("faucet", agent["agent_id"], "--amount", "12.5", "--db", str(db), cwd=tmp_path)
+    assert claimed.returncode == 0, claimed.stderr
+    assert "claimed 12.500000 USDC, balance 12.500000 USDC" in claimed.stdout
+
+    shown = json.loads(pf("balance", "--json", "--db", str(db), cwd=tmp_path).stdout)
+    assert shown["agents"][agent["agent_id"]] == {"usdc": "12.500000", "locked": "0.000000"}
+    assert shown["minted"] == "1000012.500000"
+
+
+def test_register_prints_the_key_for_a_person(tmp_path):
+    result = pf("register", "labeler", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "agent_id:      ag_labeler_" in result.stdout
+    assert "api_key:       pf_sandbox_" in result.stdout
+
+
+def test_balance_table_lists_agents_and_totals(tmp_path):
+    result = pf("balance", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "ag_sandbox_payer" in result.stdout
+    assert "1000000.000000" in result.stdout
+    assert "house fees: 0.000000 USDC" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("faucet", "ag_nobody"), "agent ag_nobody not found"),
+    (("faucet", "ag_sandbox_worker", "--amount", "-3"), "must not be negative"),
+])
+def test_faucet_refusals_exit_1_with_the_reason(tmp_path, args, message):
+    result = pf(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_check_passes_on_a_healthy_sandbox(tmp_path):
+    result = pf("check", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.startswith("ok: minted 1000000.000000 USDC all accounted for")
+
+
+def test_check_fails_with_the_discrepancy_when_money_appeared_from_nowhere(tmp_path):
+    db = tmp_path / "escrow.db"
+    SandboxEngine(db).check_invariant()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE agents SET usdc = usdc + 5000000 WHERE agent_id = 'ag_sandbox_worker'")
+    result = pf("check", "--db", str(db), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "invariant broken" in result.stderr
+    assert "off by -5.000000" in result.stderr
+
+
+@pytest.mark.parametrize("rate", ["fast", "0/60", "5/0", "5/x"])
+def test_serve_refuses_a_malformed_rate(tmp_path, rate):
+    result = pf("serve", "--create-rate", rate, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "N/SECONDS" in result.stderr or "N >= 1" in result.stderr
+
+
+def test_sandbox_without_a_command_shows_usage_and_exits_2(tmp_path):
+    result = pf(cwd=tmp_path)
+    assert result.returncode == 2
+    assert "serve" in result.stderr and "balance" in result.stderr
+
+
+def test_the_pf_metaflow_console_script_runs_sandbox_commands(tmp_path):
+    script = Path(sys.executable).with_name("pf-metaflow")
+    if not script.exists():
+        pytest.skip("pf-metaflow console script is not installed next to this python")
+    result = pf("balance", "--json", cwd=tmp_path, exe=[str(script)])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["minted"] == "1000000.000000"
