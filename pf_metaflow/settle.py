@@ -150,19 +150,26 @@ def refund(client: EscrowClient, entry: Entry, reason: str, record: Recorder = _
             return _recheck_pending(client, entry, record)
         settlement = client.refund(entry["escrow_id"])
     except InvalidStatus:
-        return _observe_or_keep(client, entry, reason, record)
+        try:
+            return _observe_or_keep(client, entry, reason, record)
+        except _UNSURE as exc:
+            return _keep_open(entry, reason, exc, record)
     except NotFound as exc:
         nxt = advance(entry, reason=f"{reason}; refund failed: {exc.message}")
         record(nxt)
         return nxt
     except _UNSURE as exc:
-        nxt = advance(entry, reason=f"{reason}; refund not confirmed ({exc.message}); "
-                                    "run `pf-metaflow reconcile` to settle it")
-        record(nxt)
-        return nxt
+        return _keep_open(entry, reason, exc, record)
     done = _settled(entry, settlement, reason)
     record(done)
     return done
+
+
+def _keep_open(entry: Entry, reason: str, exc: PurpleFleaError, record: Recorder) -> Entry:
+    nxt = advance(entry, reason=f"{reason}; refund not confirmed ({exc.message}); "
+                                "run `pf-metaflow reconcile` to settle it")
+    record(nxt)
+    return nxt
 
 
 def _observe_or_keep(client: EscrowClient, entry: Entry, reason: str, record: Recorder) -> Entry:
@@ -194,7 +201,15 @@ def _recover_unknown(client: EscrowClient, entry: Entry, record: Recorder) -> En
     key = entry.get("idempotency_key")
     if not (key and client.supports_idempotency):
         return entry
-    escrow = client.create(Decimal(entry["amount_usdc"]), idempotency_key=key, **_create_args(entry))
+    try:
+        escrow = client.create(Decimal(entry["amount_usdc"]), idempotency_key=key, **_create_args(entry))
+    except _UNSURE:
+        raise
+    except PurpleFleaError as exc:
+        # Refused now means it never happened: a replay would have returned the first answer.
+        void = advance(entry, status=VOID, reason=f"create never took effect: {exc.message}")
+        record(void)
+        return void
     locked = _locked(entry, escrow)
     record(locked)
     return locked
