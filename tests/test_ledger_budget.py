@@ -1,0 +1,147 @@
+"""Ledger entries, merging and totals; budgets and shard allowances; the ledger card."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pf_metaflow import budget as budget_mod
+from pf_metaflow import ledger as ledger_mod
+from pf_metaflow.errors import BudgetError
+
+
+def entry(ref: str, status: str = "released", seq: int = 2, amount: str = "1.000000", **over) -> dict:
+    e = ledger_mod.new_entry(ref=ref, run="F/1", step=ref.split("/")[2], task=ref.split("/")[3],
+                             attempt=int(ref.split("/")[4]), recipient="ag_w", amount_usdc=Decimal(amount),
+                             description=f"pf-metaflow {ref}")
+    e.update(status=status, seq=seq, **over)
+    return e
+
+
+# -- ledger ----------------------------------------------------------------------------------
+
+
+def test_merge_keeps_the_most_advanced_state_of_each_escrow():
+    locked = entry("F/1/a/1/0", status="locked", seq=1)
+    released = entry("F/1/a/1/0", status="released", seq=2)
+    other = entry("F/1/b/2/0")
+    assert [e["status"] for e in ledger_mod.merge([locked, other], [released])] == ["released", "released"]
+    assert ledger_mod.merge([released], [locked]) == ledger_mod.merge([locked], [released])
+
+
+def test_merge_drops_creates_that_never_happened():
+    assert ledger_mod.merge([entry("F/1/a/1/0", status=ledger_mod.VOID, seq=1)]) == []
+
+
+@given(st.permutations(range(6)))
+def test_merge_is_independent_of_the_order_ledgers_arrive_in(order):
+    states = [entry(f"F/1/s{i % 3}/{i % 3}/0", status="locked" if i < 3 else "refunded", seq=1 if i < 3 else 2)
+              for i in range(6)]
+    merged = ledger_mod.merge(*[[states[i]] for i in order])
+    assert sorted((e["ref"], e["status"]) for e in merged) == [
+        ("F/1/s0/0/0", "refunded"), ("F/1/s1/1/0", "refunded"), ("F/1/s2/2/0", "refunded")]
+
+
+def test_totals_sum_each_outcome_and_the_fees():
+    entries = [
+        entry("F/1/a/1/0", amount="2.500000", fee_usdc="0.025000", net_usdc="2.475000"),
+        entry("F/1/b/2/0", status="refunded", amount="1.000000"),
+        entry("F/1/c/3/0", status="refund_pending", amount="3.000000", fee_usdc="0.030000"),
+        entry("F/1/d/4/0", status="locked", amount="0.500000"),
+    ]
+    t = ledger_mod.to_json("F/1", entries)["totals"]
+    assert t == {"locked": "0.500000", "released": "2.500000", "refunded": "1.000000",
+                 "refund_pending": "3.000000", "unknown": "0.000000", "fees": "0.055000", "net_paid": "2.475000"}
+
+
+def test_escrow_map_names_foreach_shards_and_keeps_the_last_attempt():
+    entries = [entry("F/1/score/4/0", shard="score[1]", escrow_id="esc_a", status="refunded"),
+               entry("F/1/score/4/1", shard="score[1]", escrow_id="esc_b"),
+               entry("F/1/train/2/0", escrow_id="esc_c")]
+    assert ledger_mod.escrow_map(entries) == {"score[1]": "esc_b", "train": "esc_c"}
+
+
+def test_table_shows_every_entry_and_the_totals():
+    text = ledger_mod.format_table([entry("F/1/train/2/0", escrow_id="esc_c", fee_usdc="0.010000")], title="T")
+    assert "esc_c" in text and "train" in text and "released (paid): 1.000000 USDC" in text
+    assert "fees: 0.010000 USDC" in text
+    assert "(no escrows)" in ledger_mod.format_table([])
+
+
+def test_ledger_card_has_a_table_of_entries_and_one_of_totals():
+    from metaflow.cards import Table
+
+    from pf_metaflow.card import ledger_card
+
+    components = ledger_card([entry("F/1/train/2/0", escrow_id="esc_c")])
+    tables = [c for c in components if isinstance(c, Table)]
+    assert len(tables) == 2
+    rendered = "".join(str(c.render()) for c in components)
+    assert "esc_c" in rendered and "released (paid)" in rendered
+
+
+# -- budgets ---------------------------------------------------------------------------------
+
+
+def test_plan_splits_the_total_exactly_by_weight():
+    plan = budget_mod.plan_budget("12", {"ingest": 0.15, "train": 0.5, "evaluate": 0.2, "deploy": 0.15},
+                                  steps=["start", "ingest", "train", "evaluate", "deploy", "end"])
+    assert plan["steps"] == {"ingest": "1.800000", "train": "6.000000", "evaluate": "2.400000", "deploy": "1.800000"}
+    assert sum(Decimal(v) for v in plan["steps"].values()) == Decimal("12")
+
+
+def test_weights_may_sum_to_less_than_one_and_leave_the_rest_unspent():
+    plan = budget_mod.plan_budget("10", '{"train": 0.5}', steps=["train"])
+    assert plan["steps"] == {"train": "5.000000"}
+
+
+@pytest.mark.parametrize("weights, message", [
+    ('{"train": 0.6, "eval": 0.5}', "more than 1"),
+    ('{"trian": 1}', "'trian', which is not a step of this flow"),
+    ('{"train": -0.1}', ">= 0"),
+    ('{"train": "lots"}', "is not a number"),
+    ('["train"]', "must be a JSON object"),
+    ('{train: 1}', "is not valid JSON"),
+])
+def test_bad_weights_are_refused_with_the_reason(weights, message):
+    with pytest.raises(BudgetError, match=".*") as err:
+        budget_mod.plan_budget("10", weights, steps=["train", "eval"])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("total, message", [("-1", "negative"), ("nan", "finite"), ("0.05", "minimum"),
+                                            ("1.0000001", "decimal places")])
+def test_bad_totals_are_refused(total, message):
+    with pytest.raises(BudgetError) as err:
+        budget_mod.plan_budget(total, {"train": 1}, steps=["train"])
+    assert message in str(err.value)
+
+
+def test_a_step_whose_share_is_below_the_escrow_minimum_is_refused():
+    with pytest.raises(BudgetError, match="below the 0.100000 USDC escrow minimum"):
+        budget_mod.plan_budget("1", {"train": 0.95, "deploy": 0.05}, steps=["train", "deploy"])
+
+
+@given(total_micro=st.integers(min_value=100_000 * 20, max_value=10**12), shards=st.integers(1, 20))
+def test_shard_allowances_add_up_exactly_to_the_step_budget(total_micro, shards):
+    total = Decimal(total_micro).scaleb(-6)
+    plan = budget_mod.allot_shards({"steps": {"score": str(total)}, "shards": {}}, "score", shards)
+    parts = [Decimal(p) for p in plan["shards"]["score"]]
+    assert sum(parts) == total and len(parts) == shards
+    assert max(parts) - min(parts) <= Decimal("0.000001")
+
+
+def test_budget_for_reads_the_shard_allowance_inside_a_foreach():
+    plan = budget_mod.allot_shards({"steps": {"score": "1.000000"}, "shards": {}}, "score", 3)
+    assert [budget_mod.budget_for(plan, "score", i) for i in range(3)] == [
+        Decimal("0.333334"), Decimal("0.333333"), Decimal("0.333333")]
+    with pytest.raises(BudgetError, match="was split over 3 shards"):
+        budget_mod.budget_for(plan, "score", 3)
+
+
+def test_a_foreach_step_whose_budget_was_not_split_is_refused():
+    with pytest.raises(BudgetError, match="call allot_shards"):
+        budget_mod.budget_for({"steps": {"score": "1.000000"}, "shards": {}}, "score", 0)
