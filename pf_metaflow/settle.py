@@ -60,9 +60,11 @@ def open_escrow(client: EscrowClient, entry: Entry, record: Recorder = _noop) ->
     the service refused is recorded void and re-raised.
     """
     record(entry)
-    key = entry.get("idempotency_key") if client.supports_idempotency else None
+    # The key always goes along: a server without idempotency ignores it, and the client
+    # asks what the server supports only if an answer is lost (saving a request per task).
     try:
-        escrow = client.create(Decimal(entry["amount_usdc"]), idempotency_key=key, **_create_args(entry))
+        escrow = client.create(Decimal(entry["amount_usdc"]), idempotency_key=entry.get("idempotency_key"),
+                               **_create_args(entry))
     except AmbiguousOutcome as exc:
         record(advance(entry, status="unknown", reason=_unknown_reason(client, entry, exc)))
         raise
