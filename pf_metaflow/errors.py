@@ -182,11 +182,13 @@ ERROR_CODES: dict[str, type[PurpleFleaError]] = {
     "forbidden": PermissionDenied,
     "insufficient_balance": InsufficientFunds,
     "counterparty_not_found": NotFound,
+    "creator_not_found": NotFound,
     "not_found": NotFound,
     "invalid_status": InvalidStatus,
     "idempotency_conflict": IdempotencyConflict,
     "rate_limited": RateLimited,
     "debit_failed": ServerError,
+    "release_failed": ServerError,
     "internal_error": ServerError,
     "service_unavailable": ServiceUnavailable,
 }
