@@ -211,6 +211,12 @@ def test_budget_splits_exactly_over_steps_and_shards(ws):
                        "shard[1]": Decimal("0.516667"), "shard[2]": Decimal("0.516666")}
     assert sum(amounts.values()) == Decimal("3.10")
     assert payer_spent(ws) == Decimal("3.10")
+    # The flow's join never mentions pf-metaflow, yet `end` holds every shard's entry.
+    run_obj = ws.client_run(run.pathspec)
+    assert {e["shard"] or e["step"] for e in run_obj.data.pf_ledger} == set(amounts)
+    import pf_metaflow
+
+    assert pf_metaflow.ledger_of(run.pathspec) == ledger["entries"]
 
 
 @pytest.mark.parametrize("args, message", [
