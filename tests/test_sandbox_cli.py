@@ -114,6 +114,13 @@ def test_serve_refuses_a_malformed_rate(tmp_path, rate):
     assert "N/SECONDS" in result.stderr or "N >= 1" in result.stderr
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_serve_refuses_a_port_out_of_range(tmp_path, port):
+    result = pf("serve", "--port", port, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "a port is a number from 0 to 65535" in result.stderr
+
+
 def test_sandbox_without_a_command_shows_usage_and_exits_2(tmp_path):
     result = pf(cwd=tmp_path)
     assert result.returncode == 2

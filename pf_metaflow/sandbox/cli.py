@@ -31,6 +31,16 @@ def _rate(text: str) -> tuple[int, float]:
     return rate
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return port
+
+
 def add_sandbox_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``sandbox`` and its subcommands; each sets ``func(args) -> int``."""
     db_option = argparse.ArgumentParser(add_help=False)
@@ -50,7 +60,8 @@ def add_sandbox_commands(subparsers: argparse._SubParsersAction) -> argparse.Arg
         description="Serve the live escrow wire protocol plus sandbox extensions on HOST:PORT.",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed)")
+    serve.add_argument("--port", type=_port, default=8765,
+                       help="default 8765; 0 picks a free port (printed)")
     serve.add_argument("--no-idempotency", action="store_true",
                        help="ignore Idempotency-Key headers, as the live service does")
     serve.add_argument("--no-refund", action="store_true",
