@@ -18,8 +18,10 @@ from pf_metaflow.errors import (
     InvalidStatus,
     NotFound,
     PermissionDenied,
+    ServiceUnavailable,
 )
 from pf_metaflow.ids import AGENT_ID_RE, check_api_key
+from pf_metaflow.sandbox import engine as engine_module
 from pf_metaflow.sandbox.engine import PAYER_KEY, WORKER_KEY, SandboxEngine
 
 D = Decimal
@@ -645,3 +647,24 @@ def test_an_engine_used_before_a_fork_works_in_the_child_and_the_parent(engine):
     escrow = create(engine, "3")
     engine.refund(PAYER, escrow["escrow_id"])
     assert engine.balance(PAYER)["locked"] == D("1")
+
+
+def test_a_database_locked_too_long_is_service_unavailable_and_changes_nothing(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_S", 0.2)
+    engine = SandboxEngine(tmp_path / "busy.db")
+    engine.check_invariant()
+    blocker = sqlite3.connect(engine.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        with pytest.raises(ServiceUnavailable) as caught:
+            create(engine, "1")
+        assert caught.value.status == 503
+        assert caught.value.retry_after == 1
+        assert "nothing was changed" in caught.value.message
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert engine.balance(PAYER)["locked"] == D(0)
+    create(engine, "1")
+    engine.check_invariant()

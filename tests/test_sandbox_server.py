@@ -16,6 +16,7 @@ import pytest
 import requests
 from werkzeug.test import Client
 
+from pf_metaflow.errors import ServiceUnavailable
 from pf_metaflow.sandbox.engine import PAYER_KEY, WORKER_KEY, SandboxEngine
 from pf_metaflow.sandbox.server import RateLimiter, make_app
 
@@ -222,6 +223,17 @@ def test_an_unexpected_engine_failure_is_a_500_json_answer(engine, client, monke
     assert (response.status_code, body(response)["error"]) == (500, "internal_error")
     assert "disk on fire" not in response.get_data(as_text=True)
     assert "disk on fire" in capsys.readouterr().err
+
+
+def test_a_busy_database_is_503_with_retry_after(engine, client, monkeypatch):
+    def busy(*args, **kwargs):
+        raise ServiceUnavailable("the sandbox database stayed locked",
+                                 details={"retry_after": 1})
+
+    monkeypatch.setattr(engine, "release", busy)
+    response = client.post("/escrow/release/esc_x", headers=AS_PAYER)
+    assert (response.status_code, body(response)["error"]) == (503, "service_unavailable")
+    assert response.headers["Retry-After"] == "1"
 
 
 def test_health_stats_and_index_answer(client):

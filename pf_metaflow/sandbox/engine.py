@@ -38,6 +38,7 @@ from ..errors import (
     NotFound,
     PermissionDenied,
     PurpleFleaError,
+    ServiceUnavailable,
 )
 from ..ids import SANDBOX_PAYER, SANDBOX_WORKER, check_agent_id, check_description
 from ..money import USDC_QUANTUM, AmountLike, fee_for, parse_usdc, usdc_str
@@ -134,6 +135,11 @@ def _iso(ms: Optional[int]) -> Optional[str]:
         return None
     seconds, millis = divmod(ms, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
 
 def _key_hash(api_key: str) -> str:
@@ -234,7 +240,7 @@ class SandboxEngine:
                 conn.execute("PRAGMA journal_mode = WAL").fetchone()
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if not _is_busy(exc):
                     raise
                 if time.monotonic() > deadline:
                     raise
@@ -294,21 +300,44 @@ class SandboxEngine:
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         """One short transaction. Refusals (PurpleFleaError) still commit: the only
-        writes made before an operation refuses are lazy timeout refunds, which must stick."""
+        writes made before an operation refuses are lazy timeout refunds, which must stick.
+
+        ``BEGIN IMMEDIATE`` takes the write lock up front, so a busy database can only
+        refuse us there, before anything happened: that becomes ServiceUnavailable (safe
+        to retry) instead of a raw sqlite3 error.
+        """
         self._check_fork()
         with self._lock:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                yield conn
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield conn
+                except PurpleFleaError:
+                    self._commit(conn)
+                    raise
+                self._commit(conn)
             except PurpleFleaError:
-                conn.execute("COMMIT")
                 raise
-            except BaseException:
+            except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                    raise ServiceUnavailable(
+                        f"the sandbox database {self.path} stayed locked for "
+                        f"{BUSY_TIMEOUT_S:g}s; nothing was changed, try again",
+                        details={"retry_after": 1},
+                    ) from exc
                 raise
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection) -> None:
+        try:
             conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close this process's connection (it reopens on next use)."""
