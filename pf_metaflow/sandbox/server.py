@@ -106,11 +106,12 @@ class SandboxApp:
         self.idempotency = idempotency
         self.refunds = refunds
         self.extensions = app_extensions(idempotency, refunds)
+        # Refunds get the release rate but their own windows (live limits per path).
         self._limits = {
-            "create": RateLimiter(*create_rate) if create_rate else None,
-            "release": RateLimiter(*release_rate) if release_rate else None,
+            operation: RateLimiter(*rate) if rate else None
+            for operation, rate in (("create", create_rate), ("release", release_rate),
+                                    ("refund", release_rate))
         }
-        self._limits["refund"] = RateLimiter(*release_rate) if release_rate else None
         rules = [
             Rule("/", endpoint="index", methods=["GET"]),
             Rule("/health", endpoint="health", methods=["GET"]),
