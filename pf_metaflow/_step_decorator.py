@@ -1,5 +1,9 @@
 """``@pf_escrow_step``: Purple Flea escrow around a Metaflow step (implementation).
 
+Metaflow imports this module every time it is imported itself (the extension
+mechanism registers the decorator), so it stays light: the escrow client and the
+settlement code are imported in the task hooks that use them.
+
 Import it as ``pf_metaflow.decorator`` (or ``from pf_metaflow import pf_escrow_step``):
 this module is what Metaflow's extension loader imports while Metaflow itself is
 still initialising, so it must never be the first pf_metaflow module a user imports.
@@ -27,7 +31,6 @@ from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
 
 from . import ledger as ledger_mod
-from . import settle
 from .budget import budget_for
 from .errors import BudgetError, InvalidAmount, InvalidAgentId, PurpleFleaError
 from .ids import AGENT_ID_RE, check_agent_id, redact
@@ -271,7 +274,7 @@ class PfEscrowStepDecorator(StepDecorator):
         recipient, amount = self._resolve_terms(flow, earlier)
         entry = self._new_entry(flow, recipient, amount)
         try:
-            self._entry = settle.open_escrow(self._get_client(), entry, self._record)
+            self._entry = _settle().open_escrow(self._get_client(), entry, self._record)
         except PurpleFleaError as exc:
             raise PfEscrowRuntimeError(
                 f"step *{step_name}*: could not lock {usdc_str(amount)} USDC for {recipient}: "
@@ -288,12 +291,12 @@ class PfEscrowStepDecorator(StepDecorator):
         if ok:
             self._release_tried = True
             try:
-                self._entry = settle.release(self._get_client(), self._entry, self._record)
+                self._entry = _settle().release(self._get_client(), self._entry, self._record)
             finally:
                 self._ledger = ledger_mod.merge(self._ledger, [self._entry])
                 self._publish(flow)
         else:
-            self._entry = settle.refund(self._get_client(), self._entry, why, self._record)
+            self._entry = _settle().refund(self._get_client(), self._entry, why, self._record)
             self._ledger = ledger_mod.merge(self._ledger, [self._entry])
             self._publish(flow)
         print(_settlement_line(self._entry))
@@ -303,7 +306,7 @@ class PfEscrowStepDecorator(StepDecorator):
             return False
         self._disarm_timeout()
         reason = _failure_reason(exception)
-        settle_fn = settle.resolve if self._release_tried else settle.refund
+        settle_fn = _settle().resolve if self._release_tried else _settle().refund
         try:
             self._entry = settle_fn(self._get_client(), self._entry, reason, self._record)
         except PurpleFleaError as exc:
@@ -391,7 +394,7 @@ class PfEscrowStepDecorator(StepDecorator):
         for entry in ledger_mod.merge(records):
             if entry["status"] in ledger_mod.OPEN_STATUSES:
                 reason = f"attempt {entry['attempt']} ended before settling (killed or crashed)"
-                entry = settle.resolve(self._get_client(), entry, reason, self._record)
+                entry = _settle().resolve(self._get_client(), entry, reason, self._record)
             settled.append(entry)
         return settled
 
@@ -446,6 +449,12 @@ def _incoming_ledger(flow, graph, step_name, inputs) -> list:
         ledgers = [inp[LEDGER_ARTIFACT] for inp in inputs if LEDGER_ARTIFACT in inp]
         return ledger_mod.merge(*ledgers)
     return ledger_mod.merge(getattr(flow, LEDGER_ARTIFACT, None) or [])
+
+
+def _settle():
+    from . import settle
+
+    return settle
 
 
 def escrow_metadatum(entry) -> MetaDatum:
