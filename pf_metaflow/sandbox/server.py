@@ -397,16 +397,17 @@ def serve(
     )
     if wrap is not None:
         app = wrap(app)
-    engine.check_invariant()  # opens (and if new, creates) the database before we listen
+    engine.stats()  # opens (and if new, creates) the database before we listen
     server = make_http_server(app, host, port)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    print(
-        f"pf-metaflow sandbox serving on {server_url(server)} (db: {engine.path}; "
-        f"extensions: {', '.join(app_extensions(idempotency, refunds))})",
-        flush=True,
-    )
     try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        # Inside the try: a SIGTERM right after the line is printed must stop us cleanly.
+        print(
+            f"pf-metaflow sandbox serving on {server_url(server)} (db: {engine.path}; "
+            f"extensions: {', '.join(app_extensions(idempotency, refunds))})",
+            flush=True,
+        )
         server.serve_forever()
     except KeyboardInterrupt:
         pass
