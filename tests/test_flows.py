@@ -1,0 +1,192 @@
+"""The shipped flows (``flows/``), run for real as a user runs them, with defaults and
+with each failure injected.
+
+Every run happens in its own directory with a fresh embedded sandbox, ``METAFLOW_USER``
+set and no ``PF_*`` variables. What was paid is read from the run's ledger
+(``pf-metaflow ledger --json``), from the sandbox balances (``pf-metaflow sandbox
+balance --json``) and from the run's artifacts through the Metaflow client.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from mfrun import Workspace
+from payments import MINTED, PAYER, assert_client_agrees, assert_paid_exactly, assert_summary_printed, ran
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path)
+
+
+# -- training_bounty.py ------------------------------------------------------------------
+
+
+def test_training_bounty_pays_the_agent_when_held_out_accuracy_meets_the_bar(ws):
+    run = ran(ws, "training_bounty.py")
+    ledger = assert_paid_exactly(ws, run, released={"train": "3.00"})
+    client_run = assert_client_agrees(ws, run, ledger)
+    assert client_run["train"].task.data.accuracy >= 0.85
+    assert client_run["evaluate"].task.data.bounty_status == "released"
+    assert_summary_printed(run, ledger)
+
+
+def test_training_bounty_refunds_when_accuracy_is_below_min_accuracy(ws):
+    run = ran(ws, "training_bounty.py", "--min_accuracy", "0.99", "--step_budget", "2.5")
+    ledger = assert_paid_exactly(ws, run, released={}, refunded={"train": "2.50"})
+    [entry] = ledger["entries"]
+    assert "accuracy >= min_accuracy' does not hold" in entry["reason"] and "min_accuracy=0.99" in entry["reason"]
+    assert ws.client_run(run.pathspec)["evaluate"].task.data.bounty_status == "refunded"
+    assert_summary_printed(run, ledger)
+
+
+def test_training_bounty_refunds_when_training_fails_and_the_run_goes_on(ws):
+    run = ran(ws, "training_bounty.py", "--fail_at", "train")
+    ledger = assert_paid_exactly(ws, run, released={}, refunded={"train": "3.00"})
+    assert "InjectedFailure" in ledger["entries"][0]["reason"]
+    client_run = assert_client_agrees(ws, run, ledger)
+    assert client_run["train"].task.data.train_error is not None
+    assert "accuracy" not in client_run["train"].task
+
+
+# -- data_ingest.py ----------------------------------------------------------------------
+
+
+def test_data_ingest_pays_for_a_clean_delivery(ws):
+    run = ran(ws, "data_ingest.py")
+    ledger = assert_paid_exactly(ws, run, released={"ingest": "1.50"})
+    client_run = assert_client_agrees(ws, run, ledger)
+    ingest = client_run["ingest"].task.data
+    assert len(ingest.rows) == 48 and ingest.null_rate <= 0.05
+    assert_summary_printed(run, ledger)
+
+
+@pytest.mark.parametrize("delivery, reason", [
+    ("data/deliveries_dirty.csv", "release gate 'null_rate <= max_null_rate' does not hold"),
+    ("data/deliveries_bad_schema.csv", "schema error in data/deliveries_bad_schema.csv line 14: column amount"),
+    ("no/such/delivery.csv", "missing file: no CSV at no/such/delivery.csv"),
+], ids=["null-rate", "schema", "missing-file"])
+def test_data_ingest_refunds_a_bad_delivery_with_the_validation_reason(ws, delivery, reason):
+    run = ran(ws, "data_ingest.py", "--data_path", delivery)
+    ledger = assert_paid_exactly(ws, run, released={}, refunded={"ingest": "1.50"})
+    assert reason in ledger["entries"][0]["reason"]
+    assert "Delivery rejected, escrow refunded" in run.output
+
+
+# -- batch_shards.py ---------------------------------------------------------------------
+
+
+def test_batch_of_20_shards_with_2_failures_pays_18_and_refunds_exactly_the_failed_2(ws):
+    # A budget that does not divide evenly by 20: the allowances must still add up exactly.
+    run = ran(ws, "batch_shards.py", "--num_shards", "20", "--fail_shards", "3,7",
+              "--total_budget_usdc", "7.000001")
+    client_run = ws.client_run(run.pathspec)
+    budget = client_run["start"].task.data.pf_budget
+    allowances = [Decimal(a) for a in budget["shards"]["score"]]
+    assert len(allowances) == 20
+    assert sum(allowances) == Decimal(budget["steps"]["score"]) == Decimal("7.000001")
+    assert max(allowances) - min(allowances) == Decimal("0.000001")
+
+    refunded = {f"score[{i}]": allowances[i] for i in (3, 7)}
+    released = {f"score[{i}]": allowances[i] for i in range(20) if i not in (3, 7)}
+    ledger = assert_paid_exactly(ws, run, released=released, refunded=refunded)
+    assert len(released) == 18
+    assert_client_agrees(ws, run, ledger)
+    join = client_run["join"].task.data
+    assert join.refunded_shards == [3, 7] and join.paid_shards == [i for i in range(20) if i not in (3, 7)]
+    assert join.rows_scored == 18 * 250
+    assert_summary_printed(run, ledger)
+
+
+@pytest.mark.slow
+def test_batch_shards_with_defaults_pays_every_shard(ws):
+    run = ran(ws, "batch_shards.py")
+    ledger = assert_paid_exactly(ws, run, released={f"score[{i}]": "0.625" for i in range(8)})
+    assert ws.client_run(run.pathspec)["join"].task.data.refunded_shards == []
+    assert_summary_printed(run, ledger)
+
+
+# -- ml_pipeline_with_payments.py --------------------------------------------------------
+
+STAGES = {"ingest": "1.80", "train": "6.00", "evaluate": "2.40", "deploy": "1.80"}
+
+
+def card_json(client_run) -> dict:
+    from metaflow.cards import get_cards
+
+    html = get_cards(client_run["end"].task)[0].get()
+    payload = re.search(r'__MF_DATA__\[[^\]]*\] = "([^"]*)"', html).group(1)
+    return json.loads(base64.b64decode(payload))
+
+
+def test_ml_pipeline_pays_every_stage_from_its_budget_and_renders_the_ledger_card(ws):
+    run = ran(ws, "ml_pipeline_with_payments.py")
+    ledger = assert_paid_exactly(ws, run, released=STAGES)
+    client_run = assert_client_agrees(ws, run, ledger)
+    assert client_run["start"].task.data.pf_budget["steps"] == {k: f"{Decimal(v):.6f}" for k, v in STAGES.items()}
+    assert client_run.data.deployment["sha256"]
+    assert_summary_printed(run, ledger)
+
+    card = json.dumps(card_json(client_run))
+    assert "Purple Flea payments" in card
+    for entry in ledger["entries"]:
+        assert entry["escrow_id"] in card
+    assert '["released (paid)", "12.000000 USDC"]' in card
+
+
+def test_ml_pipeline_skips_deploy_unpaid_when_the_accuracy_gate_fails(ws):
+    run = ran(ws, "ml_pipeline_with_payments.py", "--min_accuracy", "0.99")
+    released = {k: v for k, v in STAGES.items() if k != "deploy"}
+    ledger = assert_paid_exactly(ws, run, released=released)
+    client_run = assert_client_agrees(ws, run, ledger)
+    assert [s.id for s in client_run] == ["end", "accuracy_gate", "evaluate", "check_model", "train",
+                                          "check_data", "ingest", "start"]
+    assert "deploy was skipped and not paid" in client_run.data.halted
+    assert_summary_printed(run, ledger)
+
+
+@pytest.mark.parametrize("stage, paid, skipped", [
+    ("train", ["ingest"], ["evaluate", "deploy"]),
+    ("deploy", ["ingest", "train", "evaluate"], []),
+    pytest.param("ingest", [], ["train", "evaluate", "deploy"], marks=pytest.mark.slow),
+    pytest.param("evaluate", ["ingest", "train"], ["deploy"], marks=pytest.mark.slow),
+])
+def test_ml_pipeline_refunds_a_failed_stage_and_bills_nothing_after_it(ws, stage, paid, skipped):
+    run = ran(ws, "ml_pipeline_with_payments.py", "--fail_at", stage)
+    ledger = assert_paid_exactly(ws, run, released={k: STAGES[k] for k in paid}, refunded={stage: STAGES[stage]})
+    assert f"failure injected in step '{stage}'" in ledger["entries"][-1]["reason"]
+    client_run = assert_client_agrees(ws, run, ledger)
+    assert not {s.id for s in client_run} & set(skipped)
+    assert_summary_printed(run, ledger)
+
+
+@pytest.mark.slow
+def test_ml_pipeline_with_a_budget_that_names_no_real_step_fails_before_any_escrow(ws):
+    run = ws.run_flow("ml_pipeline_with_payments.py", "--step_weights", '{"ingest": 0.5, "trian": 0.5}')
+    assert run.returncode != 0
+    assert "'trian', which is not a step of this flow" in run.output
+    assert PAYER not in ws.balances()["agents"] or ws.balances()["agents"][PAYER]["usdc"] == MINTED
+
+
+# -- the live service: agent_wallet must be given ----------------------------------------
+
+LIVE = {"PF_ESCROW_URL": "https://escrow.example.invalid", "PF_API_KEY": "pf_live_placeholder000"}
+
+
+@pytest.mark.parametrize("flow", ["training_bounty.py", "data_ingest.py", "batch_shards.py",
+                                  "ml_pipeline_with_payments.py"])
+def test_on_the_live_service_a_run_without_agent_wallet_stops_before_it_starts(ws, flow):
+    started = time.monotonic()
+    run = ws.run_flow(flow, env=LIVE, timeout=60)
+    assert run.returncode != 0
+    assert time.monotonic() - started < 30
+    assert "--agent_wallet is required: PF_ESCROW_URL points at the live Purple Flea service" in run.output
+    assert run.run_id is None and not list(ws.path.glob(".metaflow/*/[0-9]*")), "no run was started"
+    assert "pf_live_placeholder000" not in run.output
