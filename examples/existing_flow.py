@@ -2,8 +2,9 @@
 
     python examples/existing_flow.py run
 
-`existing_flow_paid.py` is the same flow after adding `@pf_escrow_step` (three
-lines of code added), and `paid_with_with.sh` pays for it without editing it.
+`existing_flow_paid.py` is the same flow after adding `@pf_escrow_step` (an
+import, a Parameter and the decorator), and `paid_with_with.sh` pays for it
+without editing it.
 """
 
 import random

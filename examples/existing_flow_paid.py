@@ -21,7 +21,8 @@ class ReportFlow(FlowSpec):
     """Draw a sample, summarise it, print the report."""
 
     size = Parameter("size", default=1000, type=int, help="How many numbers to summarise.")
-    agent_wallet = Parameter("agent_wallet", default=sandbox_or_required_agent, help="Agent paid (ag_…).")
+    agent_wallet = Parameter("agent_wallet", default=sandbox_or_required_agent, show_default=False,
+                             help="Agent paid (ag_…); default on the sandbox: ag_sandbox_worker.")
 
     @step
     def start(self):

@@ -13,7 +13,7 @@ from pf_metaflow import pf_escrow_step, sandbox_or_required_agent
 class LongJobFlow(FlowSpec):
     """One billable step that works for `--seconds`."""
 
-    agent_wallet = Parameter("agent_wallet", default=sandbox_or_required_agent,
+    agent_wallet = Parameter("agent_wallet", default=sandbox_or_required_agent, show_default=False,
                              help="Agent paid (ag_…); required on the live service.")
     seconds = Parameter("seconds", default=60, type=int, help="How long the paid step works.")
 

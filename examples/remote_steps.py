@@ -37,7 +37,7 @@ ESCROW_ENV = {name: os.environ[name] for name in ("PF_ESCROW_URL", "PF_REFERRAL_
 class RemotePaidFlow(FlowSpec):
     """One paid step, run wherever `--with kubernetes` or `--with batch` sends it."""
 
-    agent_wallet = Parameter("agent_wallet", default=sandbox_or_required_agent,
+    agent_wallet = Parameter("agent_wallet", default=sandbox_or_required_agent, show_default=False,
                              help="Agent paid (ag_…); required on the live service.")
 
     @step

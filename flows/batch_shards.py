@@ -41,7 +41,9 @@ class BatchShardsFlow(FlowSpec):
     """Score N shards in parallel, one escrow per shard, paid or refunded shard by shard."""
 
     agent_wallet = Parameter(
-        "agent_wallet", default=sandbox_or_required_agent,
+        # show_default=False: `run --help` must not evaluate the default, which refuses
+        # to pick a payee when PF_ESCROW_URL points at the live service.
+        "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="Purple Flea agent id (ag_…) paid per shard. Default on the sandbox: "
              "ag_sandbox_worker; required on the live service.",
     )

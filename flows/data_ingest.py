@@ -57,7 +57,9 @@ class DataIngestBountyFlow(FlowSpec):
     """Pay a data agent for a delivery that passes schema and null-rate checks."""
 
     agent_wallet = Parameter(
-        "agent_wallet", default=sandbox_or_required_agent,
+        # show_default=False: `run --help` must not evaluate the default, which refuses
+        # to pick a payee when PF_ESCROW_URL points at the live service.
+        "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="Purple Flea agent id (ag_…) of the data agent. Default on the sandbox: "
              "ag_sandbox_worker; required on the live service.",
     )

@@ -61,7 +61,9 @@ class MLPipelineWithPayments(FlowSpec):
     """Ingest, train, evaluate and deploy a model, each stage paid from the run's budget."""
 
     agent_wallet = Parameter(
-        "agent_wallet", default=sandbox_or_required_agent,
+        # show_default=False: `run --help` must not evaluate the default, which refuses
+        # to pick a payee when PF_ESCROW_URL points at the live service.
+        "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="Purple Flea agent id (ag_…) paid for each stage. Default on the sandbox: "
              "ag_sandbox_worker; required on the live service.",
     )

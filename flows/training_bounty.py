@@ -46,7 +46,9 @@ class TrainingBountyFlow(FlowSpec):
     """Pay an agent to train a model; release only if held-out accuracy meets the bar."""
 
     agent_wallet = Parameter(
-        "agent_wallet", default=sandbox_or_required_agent,
+        # show_default=False: `run --help` must not evaluate the default, which refuses
+        # to pick a payee when PF_ESCROW_URL points at the live service.
+        "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="Purple Flea agent id (ag_…) paid for training. Default on the sandbox: "
              "ag_sandbox_worker; required on the live service.",
     )

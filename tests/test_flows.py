@@ -190,3 +190,6 @@ def test_on_the_live_service_a_run_without_agent_wallet_stops_before_it_starts(w
     assert "--agent_wallet is required: PF_ESCROW_URL points at the live Purple Flea service" in run.output
     assert run.run_id is None and not list(ws.path.glob(".metaflow/*/[0-9]*")), "no run was started"
     assert "pf_live_placeholder000" not in run.output
+
+    helped = ws.run_flow(flow, "--help", env=LIVE, timeout=60)
+    assert helped.returncode == 0 and "--agent_wallet TEXT" in helped.stdout, "--help still works"
