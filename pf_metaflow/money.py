@@ -53,7 +53,11 @@ def parse_usdc(
         raise InvalidAmount(f"{name} must be a finite amount, got {value!r}")
     if amount < 0:
         raise InvalidAmount(f"{name} must not be negative, got {value!r}")
-    if amount != amount.quantize(USDC_QUANTUM, rounding=ROUND_DOWN):
+    try:
+        exact = amount.quantize(USDC_QUANTUM, rounding=ROUND_DOWN)
+    except InvalidOperation:  # more digits than a Decimal holds at 6 places: no real amount
+        raise InvalidAmount(f"{name} is too large to be an amount of USDC: {value!r}") from None
+    if amount != exact:
         raise InvalidAmount(
             f"{name} has more than {USDC_PLACES} decimal places (USDC's precision): {value!r}"
         )
