@@ -656,6 +656,7 @@ class SandboxEngine:
 
     def claim(self, agent_id: str, amount: Optional[AmountLike] = None) -> dict:
         """Faucet: mint free test USDC (default 100) into an agent's balance."""
+        check_agent_id(agent_id, name="agent")  # says what is wrong with a 0x… address or ''
         if amount is None:
             value = FAUCET_DEFAULT_USDC
         else:
