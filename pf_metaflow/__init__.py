@@ -36,6 +36,7 @@ _EXPORTS = {
     "format_table": "pf_metaflow.ledger",
     "totals": "pf_metaflow.ledger",
     "parse_usdc": "pf_metaflow.money",
+    "check_agent_id": "pf_metaflow.ids",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

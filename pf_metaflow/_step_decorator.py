@@ -193,7 +193,8 @@ class PfEscrowStepDecorator(StepDecorator):
         Escrow timeout on the service (1-720; service default 24). An escrow never
         settled returns to the payer by itself after this long, less 1%.
     referral_code : str, optional
-        Purple Flea referral code; default `PF_REFERRAL_CODE`.
+        Purple Flea referral code, or the name of a flow Parameter holding one (an
+        empty value means none); default `PF_REFERRAL_CODE`.
     steps : str, optional
         Comma-separated steps to bill (useful with `--with`, which adds the decorator
         to every step). Default: every step that has the decorator.
@@ -258,26 +259,36 @@ class PfEscrowStepDecorator(StepDecorator):
                       retry_count, max_user_code_retries, ubf_context, inputs):
         self._entry = None
         self._release_tried = False
+        self._earlier_settled = False
         self._metadata = metadata
         self._where = (flow.name, str(run_id), step_name, str(task_id))
         self._attempt = retry_count
         self._client = None
-
-        incoming = _incoming_ledger(flow, graph, step_name, inputs)
-        earlier = self._settle_earlier_attempts(retry_count)
-        self._ledger = ledger_mod.merge(incoming, earlier)
+        self._ledger = _incoming_ledger(flow, graph, step_name, inputs)
         self._publish(flow)
 
+    def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries, ubf_context):
         if not self._billed or retry_count > max_user_code_retries:
-            return  # not billed here, or @catch's fallback attempt (no user code runs)
+            return step_func  # not billed here, or @catch's fallback attempt (no user code runs)
 
+        def step_with_escrow(*args, **kwargs):
+            # Escrow is locked here, after every decorator's task_pre_step, so that
+            # @secrets / @environment have put PF_ESCROW_URL and PF_API_KEY in place,
+            # whatever order the decorators are written in.
+            self._lock_escrow(flow)
+            return step_func(*args, **kwargs)
+
+        return step_with_escrow
+
+    def _lock_escrow(self, flow) -> None:
+        earlier = self._settle_earlier_attempts(flow)
         recipient, amount = self._resolve_terms(flow, earlier)
         entry = self._new_entry(flow, recipient, amount)
         try:
             self._entry = _settle().open_escrow(self._get_client(), entry, self._record)
         except PurpleFleaError as exc:
             raise PfEscrowRuntimeError(
-                f"step *{step_name}*: could not lock {usdc_str(amount)} USDC for {recipient}: "
+                f"step *{self._step_name}*: could not lock {usdc_str(amount)} USDC for {recipient}: "
                 f"{exc.message}. The step did not run."
             ) from None
         self._ledger = ledger_mod.merge(self._ledger, [self._entry])
@@ -285,6 +296,7 @@ class PfEscrowStepDecorator(StepDecorator):
 
     def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries):
         if self._entry is None:
+            self._settle_earlier_attempts(flow)
             return
         self._disarm_timeout()
         ok, why = self._check_gate(flow)
@@ -302,7 +314,16 @@ class PfEscrowStepDecorator(StepDecorator):
         print(_settlement_line(self._entry))
 
     def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries):
-        if self._entry is None or self._entry["status"] not in ledger_mod.OPEN_STATUSES:
+        if self._entry is None:
+            # Failed before locking (bad terms, a refused create), or @catch's fallback
+            # attempt after a killed one: what earlier attempts left open is settled now.
+            try:
+                self._settle_earlier_attempts(flow)
+            except PurpleFleaError as exc:
+                print(f"[pf-metaflow] could not settle earlier attempts: {exc.message}; "
+                      "`pf-metaflow reconcile` will")
+            return False
+        if self._entry["status"] not in ledger_mod.OPEN_STATUSES:
             return False
         self._disarm_timeout()
         reason = _failure_reason(exception)
@@ -368,13 +389,21 @@ class PfEscrowStepDecorator(StepDecorator):
         ref = f"{flow_name}/{run_id}/{step}/{task_id}/{self._attempt}"
         label = self.attributes["label"] or step
         description = f"pf-metaflow {ref} {label}"[:200]
-        referral = self.attributes["referral_code"] or _env("PF_REFERRAL_CODE")
+        referral = self._referral_code(flow)
         return ledger_mod.new_entry(
             ref=ref, run=f"{flow_name}/{run_id}", step=step, task=task_id, attempt=self._attempt,
             recipient=recipient, amount_usdc=amount, description=description, label=label,
             shard=shard, idempotency_key="pfmf-" + hashlib.sha256(ref.encode()).hexdigest()[:40],
             timeout_hours=self._timeout_hours, referral_code=referral or None,
         )
+
+    def _referral_code(self, flow) -> Optional[str]:
+        """A literal code, or the name of a flow Parameter holding one (the guide's
+        ``--referral_code``); else ``$PF_REFERRAL_CODE``."""
+        raw = self.attributes["referral_code"]
+        if isinstance(raw, str) and _IDENTIFIER.match(raw) and hasattr(flow, raw):
+            raw = getattr(flow, raw)
+        return (str(raw).strip() if raw else "") or _env("PF_REFERRAL_CODE")
 
     def _check_gate(self, flow) -> tuple[bool, str]:
         if self._gate is None:
@@ -386,16 +415,20 @@ class PfEscrowStepDecorator(StepDecorator):
                 return False, f"release gate raised {type(exc).__name__}: {exc}"
         return self._gate.check(flow)
 
-    def _settle_earlier_attempts(self, retry_count: int) -> list:
-        if retry_count == 0:
+    def _settle_earlier_attempts(self, flow) -> list:
+        """Settle what earlier attempts of this task left open; add them to the ledger (once)."""
+        if self._attempt == 0 or self._earlier_settled:
             return []
-        records = [e for e in _task_records(self._metadata, *self._where) if e["attempt"] < retry_count]
+        self._earlier_settled = True
+        records = [e for e in _task_records(self._metadata, *self._where) if e["attempt"] < self._attempt]
         settled = []
         for entry in ledger_mod.merge(records):
             if entry["status"] in ledger_mod.OPEN_STATUSES:
                 reason = f"attempt {entry['attempt']} ended before settling (killed or crashed)"
                 entry = _settle().resolve(self._get_client(), entry, reason, self._record)
             settled.append(entry)
+        self._ledger = ledger_mod.merge(self._ledger, settled)
+        self._publish(flow)
         return settled
 
     def _record(self, entry) -> None:
@@ -489,9 +522,13 @@ def _timeout_hours(raw: Any) -> Optional[int]:
 
 
 def _settlement_line(entry) -> str:
+    what = {
+        "released": f"{entry['amount_usdc']} USDC paid to {entry['recipient']} ({entry['net_usdc']} after fees)",
+        "refunded": f"{entry['amount_usdc']} USDC back to the payer",
+        "refund_pending": f"{entry['amount_usdc']} USDC comes back to the payer at {entry.get('expected_at')}",
+    }.get(entry["status"], f"{entry['amount_usdc']} USDC for {entry['recipient']}")
     tail = f" ({entry['reason']})" if entry.get("reason") and entry["status"] != "released" else ""
-    return (f"[pf-metaflow] escrow {entry.get('escrow_id') or '(none)'} {entry['status']}: "
-            f"{entry['amount_usdc']} USDC to {entry['recipient']}{tail}")
+    return f"[pf-metaflow] escrow {entry.get('escrow_id') or '(none)'} {entry['status']}: {what}{tail}"
 
 
 def _env(name: str) -> Optional[str]:

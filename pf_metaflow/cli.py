@@ -50,7 +50,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return 0
     verb = "would settle" if args.dry_run else "settled"
     for action in actions:
-        print(("would settle " if args.dry_run else "") + action.describe())
+        print(action.describe(dry_run=args.dry_run))
     still_open = [a for a in actions if a.after["status"] in ("locked", "unknown")]
     print(f"{run}: {verb} {len(actions)} escrow(s)"
           + (f"; {len(still_open)} still need attention" if still_open and not args.dry_run else ""))

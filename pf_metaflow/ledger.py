@@ -204,5 +204,6 @@ def format_table(entries: list[Mapping[str, Any]], *, title: str = "") -> str:
     if not body:
         out.append("(no escrows)")
     out.append("")
-    out.extend(f"{name:>16}: {amount} USDC" for name, amount in total_lines(entries))
+    # Left-aligned: Metaflow strips leading spaces from task log lines.
+    out.extend(f"{name}: {amount} USDC" for name, amount in total_lines(entries))
     return "\n".join(out)

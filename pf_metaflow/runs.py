@@ -63,12 +63,15 @@ class Action:
     def changed(self) -> bool:
         return self.before.get("status") != self.after.get("status")
 
-    def describe(self) -> str:
+    def describe(self, *, dry_run: bool = False) -> str:
         b, a = self.before, self.after
         name = a.get("escrow_id") or a.get("description")
+        where = f"{name} ({a['step']}/{a['task']} attempt {a['attempt']}, {a['amount_usdc']} USDC)"
+        if dry_run:
+            return f"{where} is {b['status']}: would look it up and refund what is still held"
         what = f"{b['status']} -> {a['status']}" if self.changed else f"still {a['status']}"
         why = f": {a['reason']}" if a.get("reason") and a["status"] != "released" else ""
-        return f"{name} ({a['step']}/{a['task']} attempt {a['attempt']}, {a['amount_usdc']} USDC) {what}{why}"
+        return f"{where} {what}{why}"
 
 
 def reconcile(run: RunLike, *, dry_run: bool = False, client=None) -> list[Action]:

@@ -23,8 +23,8 @@ def ws(tmp_path: Path) -> Workspace:
     return Workspace(tmp_path)
 
 
-def run_ok(ws: Workspace, flow: str, *args: str):
-    result = ws.run_flow(TESTFLOWS / flow, *args)
+def run_ok(ws: Workspace, flow: str, *args: str, env: dict | None = None):
+    result = ws.run_flow(TESTFLOWS / flow, *args, env=env)
     assert result.returncode == 0, result.output
     return result
 
@@ -271,4 +271,15 @@ def test_wrong_use_is_caught_when_the_flow_is_checked(ws, args, message):
     assert run.returncode != 0
     assert "Invalid @pf_escrow_step" in run.output and message in run.output
     assert "Task is starting" not in run.output
+    assert not ws.db.exists() or ws.engine().list_escrows() == []
+
+
+def test_escrow_settings_from_secrets_apply_whatever_the_decorator_order(ws):
+    secret_db = ws.path / "from-secret.db"
+    run = run_ok(ws, "secrets_flow.py", env={"SECRET_DB": str(secret_db)})
+    from pf_metaflow.sandbox.engine import SandboxEngine
+
+    [escrow] = SandboxEngine(secret_db).list_escrows()
+    assert escrow["status"] == "released"
+    assert ws.ledger(run.pathspec)["entries"][0]["escrow_id"] == escrow["escrow_id"]
     assert not ws.db.exists() or ws.engine().list_escrows() == []
