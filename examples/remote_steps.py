@@ -11,9 +11,9 @@ The escrow is locked and settled inside the task, so the remote container needs
   e.g. AWS Secrets Manager). On Kubernetes a cluster secret works too:
   ``@kubernetes(secrets=["purpleflea-escrow"])`` turns its keys into variables.
 
-Keep ``@pf_escrow_step`` *above* ``@secrets``: Metaflow prepares a task with the
-decorators nearest ``@step`` first, and the key must be in the environment
-before the escrow is locked.
+Decorator order does not matter: ``@pf_escrow_step`` locks the escrow only after
+every decorator of the step has prepared the task, so the key from ``@secrets``
+is already in the environment.
 
     export PF_ESCROW_URL=https://escrow.purpleflea.com
     python examples/remote_steps.py run --agent_wallet ag_… --with kubernetes
