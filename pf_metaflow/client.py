@@ -802,6 +802,8 @@ def default_client() -> EscrowClient:
         with _default_lock:
             client = _default_clients.get(cache_key)
             if client is None:
-                client = EscrowClient(url, key)
+                # Read from the environment by the client itself, so its messages name
+                # PF_ESCROW_URL / PF_API_KEY (what the user set), not api_key=.
+                client = EscrowClient()
                 _default_clients[cache_key] = client
     return client
