@@ -354,11 +354,30 @@ class PfEscrowStepDecorator(StepDecorator):
             if self._amount is not None:
                 raw = self._amount.resolve(flow, "amount_usdc")
                 amount = parse_usdc(raw, name=self._amount.attribute or "amount_usdc")
+                self._check_within_budget(flow, amount)
             else:
                 amount = self._budgeted_amount(flow, earlier)
         except PurpleFleaError as exc:
             raise PfEscrowRuntimeError(f"step *{step}*: {exc.message}. No escrow was created.") from None
         return recipient, amount
+
+    def _check_within_budget(self, flow, amount: Decimal) -> None:
+        """A run never locks more than its budget: an explicit amount_usdc on a step the
+        run's budget plans for may not exceed that step's budget (or shard allowance)."""
+        budget = getattr(flow, BUDGET_ARTIFACT, None)
+        key = self._budget_key
+        if not isinstance(budget, dict) or key not in budget.get("steps", {}):
+            return  # the budget does not plan this step: amount_usdc is the plan
+        stack = flow.foreach_stack() or []
+        split = stack and key in budget.get("shards", {})
+        limit = budget_for(budget, key, stack[-1][0] if split else None)
+        if amount > limit:
+            what = f"shard {stack[-1][0]}'s allowance" if split else "budget"
+            raise BudgetError(
+                f"amount_usdc {usdc_str(amount)} USDC is above step {key!r}'s {what} of "
+                f"{usdc_str(limit)} USDC in pf_budget: lower amount_usdc, or leave it out to "
+                "lock the budgeted amount"
+            )
 
     def _budgeted_amount(self, flow, earlier) -> Decimal:
         budget = getattr(flow, BUDGET_ARTIFACT, None)
