@@ -193,11 +193,16 @@ class SandboxApp:
     def _agent(self, request: Request) -> str:
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
-        agent = self.engine.agent_for_key(key.strip()) if scheme.lower() == "bearer" else None
-        if agent is None:
+        if scheme.lower() != "bearer" or not key.strip():
             raise AuthenticationError(
                 "Authorization: Bearer <sandbox api key> required (get one from "
                 "POST /faucet/register or `pf-metaflow sandbox register NAME`)"
+            )
+        agent = self.engine.agent_for_key(key.strip())
+        if agent is None:
+            raise AuthenticationError(
+                "unknown API key: no agent of this sandbox has it (each sandbox database knows "
+                "only the keys registered in it: `pf-metaflow sandbox register NAME`)"
             )
         return agent
 
