@@ -66,20 +66,29 @@ def open_escrow(client: EscrowClient, entry: Entry, record: Recorder = _noop) ->
         escrow = client.create(Decimal(entry["amount_usdc"]), idempotency_key=entry.get("idempotency_key"),
                                **_create_args(entry))
     except AmbiguousOutcome as exc:
-        record(advance(entry, status="unknown", reason=_unknown_reason(client, entry, exc)))
+        why = f"{exc}; it was not retried because {client.url} does not honour idempotency keys"
+        record(advance(entry, status="unknown", reason=_unknown_reason(entry, why)))
         raise
     except PurpleFleaError as exc:
-        record(advance(entry, status=VOID, reason=f"create refused: {exc.message}"))
+        if isinstance(exc, ProtocolError) and _unreadable_success(exc):
+            # The service said yes in a way we cannot read: the funds may well be locked.
+            record(advance(entry, status="unknown", reason=_unknown_reason(entry, exc.message)))
+        else:
+            record(advance(entry, status=VOID, reason=f"create refused: {exc.message}"))
         raise
     locked = _locked(entry, escrow)
     record(locked)
     return locked
 
 
-def _unknown_reason(client: EscrowClient, entry: Mapping[str, Any], exc: Exception) -> str:
+def _unreadable_success(exc: ProtocolError) -> bool:
+    """A 2xx answer (or its content) that could not be read, as opposed to an unreadable refusal."""
+    return exc.status is None or 200 <= exc.status < 300
+
+
+def _unknown_reason(entry: Mapping[str, Any], why: str) -> str:
     return (
-        f"create outcome unknown ({exc}); it was not retried because {client.url} does not "
-        "honour idempotency keys. If an escrow with description "
+        f"create outcome unknown ({why}). If an escrow with description "
         f"{entry['description']!r} exists, it returns to the payer by itself after "
         f"{entry.get('timeout_hours') or 24} h (less the 1% commission); check it with GET "
         "/escrow/{id} or the Purple Flea dashboard"
