@@ -59,7 +59,10 @@ def open_escrow(client: EscrowClient, entry: Entry, record: Recorder = _noop) ->
     A create whose outcome is unknown is recorded ``unknown`` and re-raised; one
     the service refused is recorded void and re-raised.
     """
-    record(entry)
+    # If this intent stays the last word (the task was killed, timed out or crashed while
+    # creating), it says how to check.
+    record({**entry, "reason": _unknown_reason(
+        entry, "no answer to the create was recorded; it may or may not have reached the service")})
     # The key always goes along: a server without idempotency ignores it, and the client
     # asks what the server supports only if an answer is lost (saving a request per task).
     try:
