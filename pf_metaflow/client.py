@@ -794,7 +794,8 @@ def default_client() -> EscrowClient:
     """
     url = os.environ.get("PF_ESCROW_URL", "").strip()
     key = os.environ.get("PF_API_KEY") or None
-    cache_key: tuple = (url, key)
+    timeout = _env_timeout()
+    cache_key: tuple = (url, key, timeout)
     if not url or url.lower().startswith("sandbox:"):
         cache_key += (os.environ.get("PF_SANDBOX_DB"), os.getcwd())
     client = _default_clients.get(cache_key)
@@ -804,6 +805,20 @@ def default_client() -> EscrowClient:
             if client is None:
                 # Read from the environment by the client itself, so its messages name
                 # PF_ESCROW_URL / PF_API_KEY (what the user set), not api_key=.
-                client = EscrowClient()
+                client = EscrowClient(timeout=timeout)
                 _default_clients[cache_key] = client
     return client
+
+
+def _env_timeout() -> float:
+    """``$PF_ESCROW_TIMEOUT``: seconds to wait for the service per attempt (default 10)."""
+    raw = os.environ.get("PF_ESCROW_TIMEOUT", "").strip()
+    if not raw:
+        return 10.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 600:
+        raise ConfigurationError(f"PF_ESCROW_TIMEOUT must be a number of seconds from 0 to 600, got {raw!r}")
+    return value

@@ -312,3 +312,15 @@ def test_api_helpers_work_on_the_default_embedded_sandbox(tmp_path):
     other = pf_create("ag_sandbox_worker", Decimal("0.50"), "refunded one")
     assert pf_refund(other).net_usd == Decimal("0.50")
     assert (tmp_path / ".pf_sandbox" / "escrow.db").exists()
+
+
+def test_escrow_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PF_ESCROW_TIMEOUT", "2.5")
+    assert default_client().timeout == 2.5
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "abc", "nan", "601"])
+def test_a_bad_escrow_timeout_is_refused_naming_the_variable(monkeypatch, raw):
+    monkeypatch.setenv("PF_ESCROW_TIMEOUT", raw)
+    with pytest.raises(ConfigurationError, match="PF_ESCROW_TIMEOUT must be"):
+        default_client()
