@@ -130,22 +130,33 @@ def _observed(entry: Mapping[str, Any], escrow: Escrow, reason: str | None) -> E
 
 
 def release(client: EscrowClient, entry: Entry, record: Recorder = _noop) -> Entry:
-    """Pay the agent. On failure the entry stays ``locked`` (with the reason) and the error is raised."""
+    """Pay the agent. On failure the entry stays ``locked`` (with the reason) and the error is raised.
+
+    A failed or unreadable answer is checked against the escrow's state first: a
+    release that took effect (its answer lost or garbled) is recorded as released,
+    so work that was paid for is never reported as failed.
+    """
     try:
         settlement = client.release(entry["escrow_id"])
-    except InvalidStatus:
-        escrow = client.get(entry["escrow_id"])
-        observed = _observed(entry, escrow, None)
-        if observed is None:
-            raise
-        record(observed)
-        return observed
     except PurpleFleaError as exc:
-        record(advance(entry, reason=f"release failed: {exc.message}; reconcile will settle it"))
+        observed = _look(client, entry)
+        if observed is not None:
+            record(observed)
+            return observed
+        if not isinstance(exc, InvalidStatus):
+            record(advance(entry, reason=f"release failed: {exc.message}; reconcile will settle it"))
         raise
     done = _settled(entry, settlement, None)
     record(done)
     return done
+
+
+def _look(client: EscrowClient, entry: Entry) -> Entry | None:
+    """The entry as the server has settled it, or None (not settled, or the server can't say)."""
+    try:
+        return _observed(entry, client.get(entry["escrow_id"]), None)
+    except PurpleFleaError:
+        return None
 
 
 def refund(client: EscrowClient, entry: Entry, reason: str, record: Recorder = _noop) -> Entry:

@@ -10,7 +10,7 @@ import requests
 from pf_metaflow import ledger as ledger_mod
 from pf_metaflow import settle
 from pf_metaflow.client import EscrowClient
-from pf_metaflow.errors import AmbiguousOutcome, InsufficientFunds
+from pf_metaflow.errors import AmbiguousOutcome, InsufficientFunds, ServerError
 
 LIVE = "https://escrow.purpleflea.com"
 KEY = "pf_live_placeholder0000"
@@ -158,3 +158,20 @@ def test_refund_that_cannot_reach_the_server_keeps_the_entry_open_for_reconcile(
     live.get(f"{LIVE}/escrow/esc_1", exc=requests.exceptions.ConnectionError("refused"))
     out = settle.refund(live_client, entry(escrow_id="esc_1", status="locked"), "step failed")
     assert out["status"] == "locked" and "pf-metaflow reconcile" in out["reason"]
+
+
+def test_release_whose_answer_is_garbled_but_took_effect_is_recorded_released(live, live_client):
+    live.post(f"{LIVE}/escrow/release/esc_1", status_code=200, text="<html>gateway hiccup</html>")
+    live.get(f"{LIVE}/escrow/esc_1", json=escrow_json("released"))
+    out = settle.release(live_client, entry(escrow_id="esc_1", status="locked"))
+    assert out["status"] == "released"
+
+
+def test_release_that_did_not_happen_stays_locked_and_raises(live, live_client, monkeypatch):
+    monkeypatch.setattr("pf_metaflow.client._sleep", lambda seconds: None)
+    live.post(f"{LIVE}/escrow/release/esc_1", status_code=500, json={"error": "release_failed"})
+    live.get(f"{LIVE}/escrow/esc_1", json=escrow_json("funded"))
+    records = []
+    with pytest.raises(ServerError):
+        settle.release(live_client, entry(escrow_id="esc_1", status="locked"), records.append)
+    assert records[-1]["status"] == "locked" and "reconcile will settle it" in records[-1]["reason"]
