@@ -1,0 +1,432 @@
+"""pf-metaflow benchmarks: what escrow costs a flow, side by side, in one process run.
+
+    python tests/benchmarks/run.py            # from a clone, after pip install -e ".[test]"
+    python tests/benchmarks/run.py --quick    # fewer repetitions, smaller runs (a smoke test)
+    python -m tests.benchmarks.run            # the same, from the repository root
+
+Measures, each as a median over interleaved repetitions (A, B, A, B, ... so that
+noise from a shared machine falls on both sides alike):
+
+1. a 20-step linear flow, plain vs every step under ``@pf_escrow_step`` (embedded
+   sandbox, then the HTTP sandbox server): wall-time ratio;
+2. a 200-shard foreach, plain vs every shard under ``@pf_escrow_step``: ratio;
+3. one ``EscrowClient`` create + release against the HTTP sandbox vs the same two
+   POSTs made with ``requests.post`` (and with a keep-alive ``requests.Session``):
+   ratio;
+4. sandbox engine lifecycles (create + release) per second: in-process, and over
+   HTTP with 16 concurrent clients.
+
+Not a test: pytest does not collect it (no ``test_`` prefix). Nothing touches the
+network beyond 127.0.0.1. Prints the machine and the date with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from mfrun import Workspace  # noqa: E402
+
+import pf_metaflow  # noqa: E402
+from pf_metaflow.client import EscrowClient  # noqa: E402
+from pf_metaflow.sandbox.engine import PAYER_KEY, SandboxEngine  # noqa: E402
+
+PAYER, WORKER = "ag_sandbox_payer", "ag_sandbox_worker"
+
+
+# -- flows -------------------------------------------------------------------------------------
+
+
+def linear_flow(steps: int, escrow: bool) -> str:
+    """``steps`` steps in a line (start, s1 ... , end), each under escrow or not."""
+    deco = '    @pf_escrow_step(agent_wallet="ag_sandbox_worker", amount_usdc="0.10")\n' if escrow else ""
+    names = ["start"] + [f"s{i}" for i in range(1, steps - 1)] + ["end"]
+    body = []
+    for name, nxt in zip(names, names[1:] + [None]):
+        step_body = f"        self.next(self.{nxt})\n" if nxt else "        pass\n"
+        body.append(f"{deco}    @step\n    def {name}(self):\n{step_body}")
+    head = "from metaflow import FlowSpec, step\n"
+    if escrow:
+        head += "from pf_metaflow import pf_escrow_step\n"
+    return (f"{head}\n\nclass LinearFlow(FlowSpec):\n" + "\n".join(body)
+            + "\n\nif __name__ == '__main__':\n    LinearFlow()\n")
+
+
+def foreach_flow(escrow: bool) -> str:
+    deco = '    @pf_escrow_step(agent_wallet="ag_sandbox_worker", amount_usdc="0.10")\n' if escrow else ""
+    head = "from metaflow import FlowSpec, Parameter, step\n"
+    if escrow:
+        head += "from pf_metaflow import pf_escrow_step\n"
+    return f'''{head}
+
+class ForeachFlow(FlowSpec):
+    shards = Parameter("shards", default=200, type=int)
+
+    @step
+    def start(self):
+        self.items = list(range(self.shards))
+        self.next(self.work, foreach="items")
+
+{deco}    @step
+    def work(self):
+        self.done = self.input
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.total = sum(i.done for i in inputs)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    ForeachFlow()
+'''
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+class SandboxServer:
+    """``pf-metaflow sandbox serve --port 0`` in a subprocess."""
+
+    def __init__(self, db: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pf_metaflow", "sandbox", "serve", "--port", "0", "--db", str(db)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+            env=env,
+        )
+        line = self.process.stdout.readline()
+        if "serving on " not in line:
+            self.stop()
+            raise RuntimeError(f"sandbox server did not start: {line!r}")
+        self.url = line.split("serving on ", 1)[1].split()[0]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def timed_run(ws: Workspace, flow: Path, *args: str, env: Optional[dict] = None) -> float:
+    started = time.perf_counter()
+    run = ws.run_flow(flow, *args, env=env, timeout=3600)
+    seconds = time.perf_counter() - started
+    if run.returncode != 0:
+        raise RuntimeError(f"{flow.name} failed:\n{run.output[-4000:]}")
+    return seconds
+
+
+def interleaved(variants: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+    """Run each variant once per repetition, rotating the order, and collect the times."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            times[name].append(variants[name]())
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median of the per-repetition ratios b/a (each pair ran back to back)."""
+    return statistics.median(y / x for x, y in zip(a, b))
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+def bench_linear(root: Path, steps: int, reps: int, server: SandboxServer) -> list[tuple]:
+    dirs = {name: root / f"linear_{name}" for name in ("plain", "embedded", "http")}
+    for path in dirs.values():
+        path.mkdir()
+    plain = dirs["plain"] / "flow.py"
+    plain.write_text(linear_flow(steps, escrow=False))
+    for name in ("embedded", "http"):
+        (dirs[name] / "flow.py").write_text(linear_flow(steps, escrow=True))
+    http_env = {"PF_ESCROW_URL": server.url, "PF_API_KEY": PAYER_KEY}
+    spaces = {name: Workspace(path) for name, path in dirs.items()}
+    for name, space in spaces.items():  # warm up: bytecode, .metaflow, sandbox database
+        timed_run(space, dirs[name] / "flow.py", env=http_env if name == "http" else None)
+    times = interleaved({
+        "plain": lambda: timed_run(spaces["plain"], plain),
+        "embedded": lambda: timed_run(spaces["embedded"], dirs["embedded"] / "flow.py"),
+        "http": lambda: timed_run(spaces["http"], dirs["http"] / "flow.py", env=http_env),
+    }, reps)
+    return [
+        (f"{steps}-step linear flow, embedded sandbox", times["plain"], times["embedded"], "s"),
+        (f"{steps}-step linear flow, HTTP sandbox", times["plain"], times["http"], "s"),
+    ]
+
+
+def bench_foreach(root: Path, shards: int, reps: int, workers: int, server: Optional[SandboxServer]
+                  ) -> list[tuple]:
+    variants = {"plain": False, "embedded": True}
+    if server is not None:
+        variants["http"] = True
+    dirs = {}
+    for name, escrow in variants.items():
+        dirs[name] = root / f"foreach_{name}"
+        dirs[name].mkdir()
+        (dirs[name] / "flow.py").write_text(foreach_flow(escrow))
+    args = ("--shards", str(shards), "--max-workers", str(workers), "--max-num-splits", str(max(shards, 100)))
+    envs = {"http": {"PF_ESCROW_URL": server.url, "PF_API_KEY": PAYER_KEY}} if server else {}
+    spaces = {name: Workspace(path) for name, path in dirs.items()}
+
+    for name in variants:  # warm up (a small fan-out compiles and creates the same things)
+        timed_run(spaces[name], dirs[name] / "flow.py", "--shards", "4", env=envs.get(name))
+
+    def runner(name: str) -> Callable[[], float]:
+        return lambda: timed_run(spaces[name], dirs[name] / "flow.py", *args, env=envs.get(name))
+
+    times = interleaved({name: runner(name) for name in variants}, reps)
+    rows = [(f"{shards}-shard foreach ({workers} workers), embedded sandbox",
+             times["plain"], times["embedded"], "s")]
+    if server is not None:
+        rows.append((f"{shards}-shard foreach ({workers} workers), HTTP sandbox",
+                     times["plain"], times["http"], "s"))
+    return rows
+
+
+def bench_client_vs_raw(server: SandboxServer, lifecycles: int, blocks: int) -> list[tuple]:
+    import requests
+
+    client = EscrowClient(server.url, PAYER_KEY)
+    client.capabilities()  # read once, as every client does on first use
+    session = requests.Session()
+    headers = {"Authorization": f"Bearer {PAYER_KEY}", "Content-Type": "application/json"}
+    body = '{"amount_usd": 0.1, "description": "benchmark", "counterparty_agent_id": "ag_sandbox_worker"}'
+
+    def with_client() -> None:
+        escrow = client.create(Decimal("0.10"), counterparty_agent_id=WORKER, description="benchmark")
+        client.release(escrow.escrow_id)
+
+    def with_post(post: Callable) -> Callable[[], None]:
+        def lifecycle() -> None:
+            created = post(server.url + "/escrow/create", data=body, headers=headers, timeout=10)
+            escrow_id = created.json()["escrow_id"]
+            post(f"{server.url}/escrow/release/{escrow_id}", headers=headers, timeout=10).raise_for_status()
+        return lifecycle
+
+    def block(lifecycle: Callable[[], None]) -> Callable[[], float]:
+        def timed() -> float:
+            started = time.perf_counter()
+            for _ in range(lifecycles):
+                lifecycle()
+            return (time.perf_counter() - started) / lifecycles * 1000  # ms per lifecycle
+        return timed
+
+    for warm in (with_client, with_post(requests.post), with_post(session.post)):
+        warm()
+    times = interleaved({
+        "client": block(with_client),
+        "requests.post": block(with_post(requests.post)),
+        "session": block(with_post(session.post)),
+    }, blocks)
+    return [
+        ("EscrowClient create+release vs 2x requests.post", times["requests.post"], times["client"], "ms"),
+        ("EscrowClient create+release vs 2x Session.post", times["session"], times["client"], "ms"),
+    ]
+
+
+def bench_engine(root: Path, lifecycles: int, blocks: int) -> tuple:
+    engine = SandboxEngine(root / "engine.db")
+    rates = []
+    for _ in range(blocks):
+        started = time.perf_counter()
+        for _ in range(lifecycles):
+            record, _ = engine.create(PAYER, amount_usd=Decimal("0.10"), description="benchmark",
+                                      counterparty_agent_id=WORKER)
+            engine.release(PAYER, record["escrow_id"])
+        rates.append(lifecycles / (time.perf_counter() - started))
+    engine.check_invariant()
+    return ("sandbox engine, in-process, 1 thread", rates)
+
+
+def bench_http_concurrent(server: SandboxServer, clients: int, per_client: int, blocks: int) -> tuple:
+    pool = [EscrowClient(server.url, PAYER_KEY) for _ in range(clients)]
+    for c in pool:
+        c.capabilities()
+    def work(client: EscrowClient, errors: list) -> None:
+        try:
+            for _ in range(per_client):
+                escrow = client.create(Decimal("0.10"), counterparty_agent_id=WORKER,
+                                       description="benchmark")
+                client.release(escrow.escrow_id)
+        except BaseException as exc:  # reported after the block
+            errors.append(exc)
+
+    rates = []
+    for _ in range(blocks):
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=work, args=(c, errors)) for c in pool]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        if errors:
+            raise RuntimeError(f"{len(errors)} clients failed: {errors[0]!r}")
+        rates.append(clients * per_client / elapsed)
+    return (f"sandbox over HTTP, {clients} concurrent clients (threads)", rates)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def machine() -> list[str]:
+    import metaflow
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    return [
+        f"date:     {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"machine:  {platform.platform()}; nproc {os.cpu_count()}{'; ' + cpu if cpu else ''}",
+        f"python:   {platform.python_version()}; metaflow {metaflow.__version__}; "
+        f"pf-metaflow {pf_metaflow.__version__}",
+        f"load avg: {load} (at start)",
+    ]
+
+
+def fmt(value: float, unit: str) -> str:
+    return f"{value:8.2f} {unit}" if unit == "s" else f"{value:8.3f} {unit}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions, small runs (smoke test)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each linear flow (default 5)")
+    parser.add_argument("--foreach-reps", type=int, default=3, help="repetitions of each foreach (default 3)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--shards", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--foreach-http", action="store_true", help="also run the foreach over HTTP")
+    parser.add_argument("--skip-flows", action="store_true", help="only the client and engine figures")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument("--as-is", action="store_true",
+                        help="run flows with the environment's bytecode settings (by default "
+                             "bytecode is cached, as after a normal install, even if "
+                             "PYTHONDONTWRITEBYTECODE is set)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.foreach_reps, args.shards = 2, 1, 20
+
+    os.environ.setdefault("METAFLOW_USER", "pf-benchmark")
+    root = Path(tempfile.mkdtemp(prefix="pf_bench_"))
+    header = machine()
+    if args.as_is:
+        header.append(f"bytecode: as the environment says (PYTHONDONTWRITEBYTECODE="
+                      f"{os.environ.get('PYTHONDONTWRITEBYTECODE', 'unset')})")
+    else:
+        # Every Metaflow task is a new Python process: without cached bytecode each one
+        # compiles pf_metaflow (and the flow) from source again, which no installed
+        # package does. Cache it outside the source tree, as a normal install would.
+        dont = os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
+        header.append("bytecode: cached (PYTHONPYCACHEPREFIX in the work dir)"
+                      + ("; PYTHONDONTWRITEBYTECODE was set and is ignored" if dont else ""))
+    print("\n".join(header), flush=True)
+    print(f"work dir: {root}\n", flush=True)
+    server = SandboxServer(root / "server.db")
+    ratios: list[tuple] = []
+    rates: list[tuple] = []
+    try:
+        cycles, blocks = (50, 3) if args.quick else (200, 7)
+        ratios += bench_client_vs_raw(server, cycles, blocks)
+        _progress(ratios)
+        rates.append(bench_engine(root, 300 if args.quick else 1000, 3 if args.quick else 7))
+        rates.append(bench_http_concurrent(server, 16, 10 if args.quick else 40, 2 if args.quick else 5))
+        _progress([], rates)
+        if not args.skip_flows:
+            ratios += bench_linear(root, args.steps, args.reps, server)
+            _progress(ratios[-2:])
+            ratios += bench_foreach(root, args.shards, args.foreach_reps, args.workers,
+                                    server if args.foreach_http else None)
+            _progress(ratios[-1:])
+    finally:
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print(report(header, ratios, rates))
+    return 0
+
+
+def _progress(ratios: list[tuple], rates: list[tuple] = ()) -> None:
+    for name, base, test, unit in ratios:
+        print(f"  .. {name}: {median(base):.3f} vs {median(test):.3f} {unit}", flush=True)
+    for name, values in rates:
+        print(f"  .. {name}: {median(values):.0f} lifecycles/s", flush=True)
+
+
+def report(header: list[str], ratios: list[tuple], rates: list[tuple]) -> str:
+    width = max([len(r[0]) for r in ratios] + [len(r[0]) for r in rates] + [40])
+    lines = ["", "pf-metaflow benchmarks", *header, ""]
+    lines.append(f"{'measurement':<{width}}  {'baseline':>11}  {'with pf':>11}  {'ratio':>6}  "
+                 f"{'paired':>6}  n  (medians)")
+    for name, base, test, unit in ratios:
+        lines.append(f"{name:<{width}}  {fmt(median(base), unit)}  {fmt(median(test), unit)}  "
+                     f"{median(test) / median(base):6.3f}  {paired_ratio(base, test):6.3f}  {len(base)}")
+    lines.append("")
+    lines.append(f"{'lifecycles (create+release) per second':<{width}}  {'median':>11}  {'min':>11}  "
+                 f"{'max':>6}  n")
+    for name, values in rates:
+        lines.append(f"{name:<{width}}  {median(values):9.0f}/s  {min(values):9.0f}/s  "
+                     f"{max(values):6.0f}  {len(values)}")
+    lines.append("")
+    lines.append("targets:")
+    for name, base, test, unit in ratios:
+        ratio = median(test) / median(base)
+        if unit == "s":
+            verdict = "met" if ratio <= 1.05 else "NOT met"
+            lines.append(f"  escrow overhead <= 5% ({name}): {(ratio - 1) * 100:+.1f}%  {verdict}")
+        elif "requests.post" in name:
+            verdict = "met" if ratio <= 1.2 else "NOT met"
+            lines.append(f"  client within 1.2x of raw requests.post: {ratio:.2f}x  {verdict}")
+    for name, values in rates:
+        if "in-process" in name:
+            verdict = "met" if median(values) >= 2000 else "NOT met"
+            lines.append(f"  in-process engine >= 2,000 lifecycles/s: {median(values):.0f}/s  {verdict}")
+    lines.append("ratio: median(with pf) / median(baseline); paired: median of per-repetition ratios")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
