@@ -445,7 +445,7 @@ ROWS = [
         budget(lambda: allot_shards(plan_budget("3", {"work": 1}, steps=STEPS), "prep", 2))),
     Row("budget", "a shard beyond the split", "shard 5 of step 'work' has no allowance",
         budget(lambda: budget_for(PLAN, "work", 5))),
-    Row("budget", "--step_weights '{prep: 0.5}' (a flow run)", "step_weights is not valid JSON",
+    Row("budget", "--step_weights '{work: 1}' (a flow run)", "step_weights is not valid JSON",
         budget_flow("--step_weights", "{work: 1}")),
     Row("budget", "amount_usdc above the step's budget (a flow run)",
         "amount_usdc 5.000000 USDC is above step 'work''s budget of 3.000000 USDC",
