@@ -62,17 +62,40 @@ def _log_retry(retry_state: tenacity.RetryCallState) -> None:
     )
 
 
+class stop_after_attempt_unless_paced(tenacity.stop.stop_base):
+    """Stop after ``max_attempts``, except while the server paces us with ``Retry-After``.
+
+    A 429 or 503 that says when to come back is the server scheduling us, not a
+    failure: many tasks of one run share a rate limit (20 creates a minute on the
+    live service), so they wait their turn for as long as ``max_wait`` allows.
+    """
+
+    # However the server paces us, one call never sends more than this many requests.
+    PACED_ATTEMPTS_CAP = 50
+
+    def __init__(self, max_attempts: int) -> None:
+        self.max_attempts = max_attempts
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        if retry_state.attempt_number >= self.PACED_ATTEMPTS_CAP:
+            return True
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        paced = getattr(exc, "details", {}).get("retry_after") is not None if exc is not None else False
+        return not paced and retry_state.attempt_number >= self.max_attempts
+
+
 def retry_policy(max_attempts: int = 4, max_wait: float = 30.0) -> tenacity.Retrying:
     """The client's one retry policy.
 
-    At most ``max_attempts`` attempts, and never a wait that would take the time
-    spent past ``max_wait`` seconds (so a ``Retry-After`` longer than that is not
-    waited out: the :class:`RateLimited` error goes to the caller with its
-    ``retry_after``). Waits honour ``Retry-After``, else back off exponentially with
-    jitter. Only failures that cannot move money twice are retried.
+    At most ``max_attempts`` attempts (not counting waits the server asked for with
+    ``Retry-After``), and never a wait that would take the time spent past
+    ``max_wait`` seconds (so a ``Retry-After`` longer than that is not waited out:
+    the :class:`RateLimited` error goes to the caller with its ``retry_after``).
+    Waits honour ``Retry-After``, else back off exponentially with jitter. Only
+    failures that cannot move money twice are retried.
     """
     return tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_before_delay(max_wait),
+        stop=stop_after_attempt_unless_paced(max_attempts) | tenacity.stop_before_delay(max_wait),
         wait=wait_retry_after(
             tenacity.wait_exponential_jitter(max=max_wait, jitter=0.5), cap=max_wait
         ),

@@ -794,8 +794,9 @@ def default_client() -> EscrowClient:
     """
     url = os.environ.get("PF_ESCROW_URL", "").strip()
     key = os.environ.get("PF_API_KEY") or None
-    timeout = _env_timeout()
-    cache_key: tuple = (url, key, timeout)
+    timeout = _env_seconds("PF_ESCROW_TIMEOUT", 10.0, upper=600)
+    max_wait = _env_seconds("PF_ESCROW_MAX_WAIT", 30.0, upper=86400)
+    cache_key: tuple = (url, key, timeout, max_wait)
     if not url or url.lower().startswith("sandbox:"):
         cache_key += (os.environ.get("PF_SANDBOX_DB"), os.getcwd())
     client = _default_clients.get(cache_key)
@@ -805,20 +806,21 @@ def default_client() -> EscrowClient:
             if client is None:
                 # Read from the environment by the client itself, so its messages name
                 # PF_ESCROW_URL / PF_API_KEY (what the user set), not api_key=.
-                client = EscrowClient(timeout=timeout)
+                client = EscrowClient(timeout=timeout, max_wait=max_wait)
                 _default_clients[cache_key] = client
     return client
 
 
-def _env_timeout() -> float:
-    """``$PF_ESCROW_TIMEOUT``: seconds to wait for the service per attempt (default 10)."""
-    raw = os.environ.get("PF_ESCROW_TIMEOUT", "").strip()
+def _env_seconds(name: str, default: float, *, upper: float) -> float:
+    """A number of seconds from the environment: ``PF_ESCROW_TIMEOUT`` (per attempt, default
+    10) or ``PF_ESCROW_MAX_WAIT`` (longest time spent retrying one call, default 30)."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return 10.0
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not 0 < value <= 600:
-        raise ConfigurationError(f"PF_ESCROW_TIMEOUT must be a number of seconds from 0 to 600, got {raw!r}")
+    if not 0 < value <= upper:
+        raise ConfigurationError(f"{name} must be a number of seconds from 0 to {upper:g}, got {raw!r}")
     return value

@@ -74,7 +74,7 @@ def open_escrow(client: EscrowClient, entry: Entry, record: Recorder = _noop) ->
         raise
     except PurpleFleaError as exc:
         if isinstance(exc, ProtocolError) and _unreadable_success(exc):
-            # The service said yes in a way we cannot read: the funds may well be locked.
+            # An answer we cannot read may hide a yes: the funds may well be locked.
             record(advance(entry, status="unknown", reason=_unknown_reason(entry, exc.message)))
         else:
             record(advance(entry, status=VOID, reason=f"create refused: {exc.message}"))
@@ -85,8 +85,9 @@ def open_escrow(client: EscrowClient, entry: Entry, record: Recorder = _noop) ->
 
 
 def _unreadable_success(exc: ProtocolError) -> bool:
-    """A 2xx answer (or its content) that could not be read, as opposed to an unreadable refusal."""
-    return exc.status is None or 200 <= exc.status < 300
+    """An answer that may hide a success: an unreadable 2xx, or an unreadable 5xx (a proxy's
+    error page: the service itself may have acted behind it). An unreadable 4xx is a refusal."""
+    return exc.status is None or 200 <= exc.status < 300 or exc.status >= 500
 
 
 def _unknown_reason(entry: Mapping[str, Any], why: str) -> str:

@@ -322,5 +322,10 @@ def test_escrow_timeout_comes_from_the_environment(monkeypatch):
 @pytest.mark.parametrize("raw", ["0", "-1", "abc", "nan", "601"])
 def test_a_bad_escrow_timeout_is_refused_naming_the_variable(monkeypatch, raw):
     monkeypatch.setenv("PF_ESCROW_TIMEOUT", raw)
-    with pytest.raises(ConfigurationError, match="PF_ESCROW_TIMEOUT must be"):
+    with pytest.raises(ConfigurationError, match="PF_ESCROW_TIMEOUT must be a number of seconds"):
         default_client()
+
+
+def test_retry_time_budget_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PF_ESCROW_MAX_WAIT", "900")
+    assert default_client().max_wait == 900

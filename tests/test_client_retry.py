@@ -257,14 +257,23 @@ def test_a_retry_after_beyond_max_wait_is_not_waited_out(requests_mock, waits):
     assert len(sent(requests_mock)) == 1
 
 
-def test_503_gives_up_after_max_attempts(requests_mock, waits):
+def test_503_without_retry_after_gives_up_after_max_attempts(requests_mock, waits):
     client = EscrowClient(URL, KEY, max_attempts=3)
+    requests_mock.post(CREATE, status_code=503, json={"error": "service_unavailable"})
+    with pytest.raises(ServiceUnavailable):
+        create(client)
+    assert len(sent(requests_mock)) == 3
+    assert len(waits) == 2
+
+
+def test_503_that_paces_with_retry_after_is_waited_out_but_never_more_than_50_requests(requests_mock, waits):
+    client = EscrowClient(URL, KEY, max_attempts=3, max_wait=3600)
     requests_mock.post(CREATE, status_code=503, headers={"Retry-After": "1"},
                        json={"error": "service_unavailable"})
     with pytest.raises(ServiceUnavailable):
         create(client)
-    assert len(sent(requests_mock)) == 3
-    assert waits == [1.0, 1.0]
+    assert len(sent(requests_mock)) == 50
+    assert waits == [1.0] * 49
 
 
 def test_max_attempts_one_never_retries(requests_mock, waits):
@@ -457,3 +466,25 @@ def test_a_real_timed_out_release_pays_the_worker_once(engine, slow_server, wait
     assert settlement.status == "released"
     assert engine.balance("ag_sandbox_worker")["usdc"] == Decimal("9.900000")
     engine.check_invariant()
+
+
+def test_rate_limited_create_waits_its_turn_beyond_the_attempt_cap(requests_mock, monkeypatch):
+    """Many tasks share a rate limit: Retry-After answers pace the client (bounded by max_wait),
+    they do not use up its attempts."""
+    from decimal import Decimal
+
+    from pf_metaflow.client import EscrowClient
+
+    waits = []
+    monkeypatch.setattr("pf_metaflow.client._sleep", waits.append)
+    url = "https://escrow.purpleflea.com"
+    limited = {"status_code": 429, "json": {"error": "rate_limited"}, "headers": {"Retry-After": "20"}}
+    created = {"status_code": 201, "json": {
+        "escrow_id": "esc_1", "status": "funded", "amount_usd": 1.0, "commission_usd": 0.01,
+        "net_to_counterparty": 0.99, "description": "pf-metaflow x", "creator_id": "ag_me",
+        "counterparty_id": "ag_w", "timeout_hours": 24, "auto_release_at": None}}
+    requests_mock.post(f"{url}/escrow/create", [limited] * 6 + [created])
+    client = EscrowClient(url, "pf_live_placeholder0000", max_attempts=4, max_wait=600)
+    escrow = client.create(Decimal("1"), counterparty_agent_id="ag_w", description="pf-metaflow x")
+    assert escrow.escrow_id == "esc_1"
+    assert waits == [20.0] * 6

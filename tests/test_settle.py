@@ -10,7 +10,7 @@ import requests
 from pf_metaflow import ledger as ledger_mod
 from pf_metaflow import settle
 from pf_metaflow.client import EscrowClient
-from pf_metaflow.errors import AmbiguousOutcome, InsufficientFunds, ServerError
+from pf_metaflow.errors import AmbiguousOutcome, InsufficientFunds, ProtocolError, ServerError
 
 LIVE = "https://escrow.purpleflea.com"
 KEY = "pf_live_placeholder0000"
@@ -175,3 +175,11 @@ def test_release_that_did_not_happen_stays_locked_and_raises(live, live_client, 
     with pytest.raises(ServerError):
         settle.release(live_client, entry(escrow_id="esc_1", status="locked"), records.append)
     assert records[-1]["status"] == "locked" and "reconcile will settle it" in records[-1]["reason"]
+
+
+def test_create_answered_by_a_proxy_error_page_is_unknown_not_refused(live, live_client):
+    live.post(f"{LIVE}/escrow/create", status_code=520, text="<html>origin error</html>")
+    records = []
+    with pytest.raises(ProtocolError):
+        settle.open_escrow(live_client, entry(), records.append)
+    assert records[-1]["status"] == "unknown" and "pf-metaflow F/1/train/2/0 train" in records[-1]["reason"]
