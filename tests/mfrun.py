@@ -115,3 +115,23 @@ def write_flow(directory: Path, name: str, source: str) -> Path:
     path = directory / name
     path.write_text(source)
     return path
+
+
+# A one-step flow whose `start` carries @pf_escrow_step({args}): for graph-time checks.
+DECORATED_START_FLOW = '''
+from metaflow import FlowSpec, step
+from pf_metaflow import pf_escrow_step
+
+class BadDecoratorFlow(FlowSpec):
+    @pf_escrow_step({args})
+    @step
+    def start(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+if __name__ == "__main__":
+    BadDecoratorFlow()
+'''

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import requests
 from conftest import running_sandbox_server
-from mfrun import Workspace, write_flow
+from mfrun import DECORATED_START_FLOW, Workspace, write_flow
 from werkzeug.wrappers import Response
 
 from pf_metaflow import client as client_mod
@@ -223,25 +223,6 @@ def budget(call: Callable[[], Any]) -> Callable[[Ctx], str]:
     """A row: the budget helpers a flow's ``start`` step calls."""
     return lambda c: refused(call)
 
-
-_GRAPH_FLOW = '''
-from metaflow import FlowSpec, step
-from pf_metaflow import pf_escrow_step
-
-class BadDecoratorFlow(FlowSpec):
-    @pf_escrow_step({args})
-    @step
-    def start(self):
-        self.next(self.end)
-
-    @step
-    def end(self):
-        pass
-
-if __name__ == "__main__":
-    BadDecoratorFlow()
-'''
-
 _TERMS_FLOW = '''
 from metaflow import FlowSpec, Parameter, step
 from pf_metaflow import pf_escrow_step
@@ -316,7 +297,7 @@ def flow(source: str, *args: str, http: bool = False, env: dict | None = None,
 
 
 def graph(args: str) -> Callable[[Ctx], str]:
-    return flow(_GRAPH_FLOW.format(args=args), graph_time=True)
+    return flow(DECORATED_START_FLOW.format(args=args), graph_time=True)
 
 
 def terms(*args: str, **kw: Any) -> Callable[[Ctx], str]:

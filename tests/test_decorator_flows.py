@@ -11,7 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from mfrun import Workspace, write_flow
+from mfrun import DECORATED_START_FLOW, Workspace, write_flow
 
 TESTFLOWS = Path(__file__).parent / "flows"
 MINTED = Decimal("1000000")
@@ -235,25 +235,6 @@ def test_budget_errors_are_raised_before_any_escrow_is_created(ws, args, message
 
 # -- graph-time checks -----------------------------------------------------------------------
 
-_BAD_FLOW = '''
-from metaflow import FlowSpec, step
-from pf_metaflow import pf_escrow_step
-
-class BadFlow(FlowSpec):
-    @pf_escrow_step({args})
-    @step
-    def start(self):
-        self.next(self.end)
-
-    @step
-    def end(self):
-        pass
-
-if __name__ == "__main__":
-    BadFlow()
-'''
-
-
 @pytest.mark.parametrize("args, message", [
     ('agent_wallet="ag_sandbox_worker", amount_usdc=0.05', "below the Purple Flea escrow minimum"),
     ('agent_wallet="ag_sandbox_worker", amount_usdc="2.1234567"', "more than 6 decimal places"),
@@ -266,7 +247,7 @@ if __name__ == "__main__":
     ('agent_wallet="ag_sandbox_worker", amount_usdc=1, timeout_hours=0', "timeout_hours must be"),
 ])
 def test_wrong_use_is_caught_when_the_flow_is_checked(ws, args, message):
-    flow = write_flow(ws.path, "bad_flow.py", _BAD_FLOW.format(args=args))
+    flow = write_flow(ws.path, "bad_flow.py", DECORATED_START_FLOW.format(args=args))
     run = ws.run_flow(flow)
     assert run.returncode != 0
     assert "Invalid @pf_escrow_step" in run.output and message in run.output
