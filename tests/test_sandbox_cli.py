@@ -114,6 +114,20 @@ def test_serve_refuses_a_malformed_rate(tmp_path, rate):
     assert "N/SECONDS" in result.stderr or "N >= 1" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--create-rate", "--release-rate", "--dispute-rate"])
+def test_serve_live_refuses_a_malformed_rate_for_each_limit(tmp_path, flag):
+    result = pf("serve", "--live", flag, "20/-1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "N >= 1 and SECONDS > 0" in result.stderr
+
+
+def test_serve_help_describes_live_mode(tmp_path):
+    result = pf("serve", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "--live" in result.stdout and "--dispute-rate" in result.stdout
+    assert "Retry-After" in result.stdout
+
+
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
 def test_serve_refuses_a_port_out_of_range(tmp_path, port):
     result = pf("serve", "--port", port, cwd=tmp_path)

@@ -18,7 +18,7 @@ from werkzeug.test import Client
 
 from pf_metaflow.errors import ServiceUnavailable
 from pf_metaflow.sandbox.engine import PAYER_KEY, WORKER_KEY, SandboxEngine
-from pf_metaflow.sandbox.server import RateLimiter, make_app
+from pf_metaflow.sandbox.server import LiveRateLimits, RateLimiter, make_app
 
 D = Decimal
 PAYER = "ag_sandbox_payer"
@@ -383,6 +383,101 @@ def test_a_rate_window_opens_again_after_its_seconds():
     assert limiter.retry_after("a") == 1
     time.sleep(0.06)
     assert limiter.retry_after("a") is None
+
+
+def test_a_limiter_drops_expired_windows_when_it_holds_many():
+    now = [0.0]
+    limiter = RateLimiter(1, 10, clock=lambda: now[0])
+    for n in range(RateLimiter._PRUNE_ABOVE):
+        limiter.retry_after(f"/escrow/release/esc_{n}:unknown")
+    now[0] = 11
+    assert limiter.retry_after("fresh") is None
+    assert len(limiter._windows) == 1
+
+
+# -- live mode (in process, on a fake clock; tests/test_sandbox_live_mode.py runs the server) --
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def live_client(engine, clock, **rates):
+    app = make_app(engine, live=True)
+    app.live_limits = LiveRateLimits(clock=clock, **rates)
+    return app, Client(app)
+
+
+def test_live_mode_defaults_to_lives_numbers_and_drops_refund_and_idempotency(engine):
+    app = make_app(engine, live=True)
+    assert (app.refunds, app.idempotency, app.extensions) == (False, False, ["faucet", "balance"])
+    assert app.live_limits.rates == {"create": (20, 60.0), "release": (30, 60.0),
+                                     "complete": (30, 60.0), "dispute": (10, 60.0)}
+    numbers = make_app(engine, live=True, create_rate=(5, 6), release_rate=(7, 8)).live_limits
+    assert numbers.rates == {"create": (5, 6), "release": (7, 8), "complete": (7, 8),
+                             "dispute": (10, 60.0)}
+
+
+@pytest.mark.parametrize("extension", ["refunds", "idempotency"])
+def test_live_mode_refuses_an_extension(engine, extension):
+    with pytest.raises(ValueError, match="live mode"):
+        make_app(engine, live=True, **{extension: True})
+
+
+def test_live_window_is_fixed_from_the_first_request_counting_refusals(engine):
+    clock = _Clock()
+    _, client = live_client(engine, clock, create_rate=(2, 10))
+    codes = []
+    for _ in range(6):  # knocking every 1.9 s: a sliding window would never reopen
+        codes.append(create(client).status_code)
+        clock.now += 1.9
+    assert codes == [201, 201, 429, 429, 429, 429]
+    clock.now = 1000.0 + 10  # 10 s after the first request: a new window
+    assert [create(client).status_code for _ in range(3)] == [201, 201, 429]
+    assert engine.balance(PAYER)["locked"] == D(6)
+
+
+def test_live_429_has_lives_body_and_no_retry_after(engine):
+    _, client = live_client(engine, _Clock(), create_rate=(1, 2.5))
+    create(client)
+    response = create(client)
+    assert response.status_code == 429
+    assert "Retry-After" not in response.headers
+    data = body(response)
+    assert data.keys() == {"error", "message", "_info"}
+    assert (data["error"], data["message"]) == (
+        "rate_limited", "Too many requests. Limit: 1 per 2.5s")
+
+
+def test_live_buckets_ignore_the_connecting_address(engine):
+    _, client = live_client(engine, _Clock(), create_rate=(1, 60))
+    assert create(client).status_code == 201
+    other = client.post("/escrow/create", json=ESCROW, headers=AS_PAYER,
+                        environ_overrides={"REMOTE_ADDR": "127.0.0.2"})
+    assert other.status_code == 429  # no X-Forwarded-For / X-Real-IP: one shared bucket
+    forwarded = create(client, headers={**AS_PAYER, "X-Forwarded-For": "127.0.0.2"})
+    assert forwarded.status_code == 201
+
+
+def test_live_limits_leave_reads_and_sandbox_extensions_alone(engine):
+    _, client = live_client(engine, _Clock(), create_rate=(1, 60), release_rate=(1, 60))
+    escrow_id = body(create(client))["escrow_id"]
+    for _ in range(5):
+        assert client.get(f"/escrow/{escrow_id}").status_code == 200
+        assert client.get("/sandbox/balances").status_code == 200
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_without_live_the_connecting_address_still_decides_and_forwarding_is_ignored(engine):
+    client = Client(make_app(engine, create_rate=(1, 60)))
+    assert create(client).status_code == 201
+    spoofed = create(client, headers={**AS_PAYER, "X-Forwarded-For": "10.0.0.1"})
+    assert spoofed.status_code == 429
+    assert "Retry-After" in spoofed.headers
 
 
 # -- the real server process ---------------------------------------------------------------

@@ -57,19 +57,31 @@ def add_sandbox_commands(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
     serve = commands.add_parser(
         "serve", parents=[db_option], help="serve the sandbox escrow over HTTP",
-        description="Serve the live escrow wire protocol plus sandbox extensions on HOST:PORT.",
+        description="Serve the live escrow wire protocol plus sandbox extensions on HOST:PORT "
+                    "(with --live: like the live service, extensions and rate limits included).",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8765,
                        help="default 8765; 0 picks a free port (printed)")
+    serve.add_argument(
+        "--live", action="store_true",
+        help="behave like the live service: --no-refund --no-idempotency plus live's rate "
+             "limits (fixed windows keyed on the path and the first X-Forwarded-For, else "
+             "X-Real-IP, else one shared bucket; creates 20/60 per client, release and "
+             "complete 30/60 and dispute 10/60 per escrow; 429 without Retry-After)")
     serve.add_argument("--no-idempotency", action="store_true",
                        help="ignore Idempotency-Key headers, as the live service does")
     serve.add_argument("--no-refund", action="store_true",
                        help="no POST /escrow/refund/{id}, as the live service")
     serve.add_argument("--create-rate", type=_rate, metavar="N/SECONDS",
-                       help="limit creates per client address (live: 20/60)")
+                       help="limit creates per client address (live: 20/60, the default "
+                            "with --live)")
     serve.add_argument("--release-rate", type=_rate, metavar="N/SECONDS",
-                       help="limit releases and refunds per client address (live: 30/60)")
+                       help="limit releases and refunds per client address; with --live, "
+                            "release and complete per escrow path (live: 30/60)")
+    serve.add_argument("--dispute-rate", type=_rate, metavar="N/SECONDS",
+                       help="limit disputes per client address; with --live, per escrow "
+                            "path (live: 10/60)")
     serve.set_defaults(func=cmd_serve)
 
     register = commands.add_parser(
@@ -113,10 +125,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(
         args.host, args.port, args.db,
-        idempotency=not args.no_idempotency,
-        refunds=not args.no_refund,
+        idempotency=not (args.no_idempotency or args.live),
+        refunds=not (args.no_refund or args.live),
         create_rate=args.create_rate,
         release_rate=args.release_rate,
+        dispute_rate=args.dispute_rate,
+        live=args.live,
     )
     return 0
 

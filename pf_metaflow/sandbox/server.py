@@ -14,6 +14,13 @@ object in every body), plus what the live service lacks:
 ``/openapi.json`` names the enabled extensions under ``x-pf-sandbox``: that is how a client
 tells a sandbox from the live service. With ``refunds=False, idempotency=False`` the server
 behaves like live for settling: no refund path, ``Idempotency-Key`` ignored.
+
+``live=True`` (``pf-metaflow sandbox serve --live``) goes further and behaves like the live
+service in its rate limits too (see :class:`LiveRateLimits`): no refund path, no idempotency
+(not advertised), and live's fixed 60 s windows keyed on the request path and the client's
+first ``X-Forwarded-For`` / ``X-Real-IP`` address, answering 429 with live's body and no
+``Retry-After`` header. Without ``live`` the limits are the sandbox's own: per connecting
+address, across escrows, with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -51,28 +58,109 @@ class _Request(Request):
 
 
 class RateLimiter:
-    """``count`` requests per ``seconds`` per client address, fixed windows (as live)."""
+    """``count`` requests per ``seconds`` per key, fixed windows (as live).
 
-    def __init__(self, count: int, seconds: float) -> None:
+    A window opens with a key's first request and lasts ``seconds``; every request in it
+    counts, refused ones too, and a refused request does not extend it.
+    """
+
+    _PRUNE_ABOVE = 4096  # windows kept before expired ones are dropped
+
+    def __init__(self, count: int, seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if count < 1 or seconds <= 0:
             raise ValueError(f"a rate needs count >= 1 and seconds > 0, got {count}/{seconds}")
         self.count = count
         self.seconds = seconds
+        self._clock = clock
         self._windows: dict[str, list] = {}
         self._lock = threading.Lock()
 
     def retry_after(self, client: str) -> Optional[int]:
         """None if this request may go ahead, else whole seconds until the window ends."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             window = self._windows.get(client)
             if window is None or now - window[0] >= self.seconds:
+                if window is None and len(self._windows) >= self._PRUNE_ABOVE:
+                    self._prune(now)
                 self._windows[client] = [now, 1]
                 return None
             window[1] += 1
             if window[1] <= self.count:
                 return None
             return max(1, math.ceil(window[0] + self.seconds - now))
+
+    def _prune(self, now: float) -> None:
+        # One key per escrow path (live mode) would otherwise grow without bound.
+        expired = [key for key, (start, _) in self._windows.items()
+                   if now - start >= self.seconds]
+        for key in expired:
+            del self._windows[key]
+
+
+def _js_seconds(seconds: float) -> str:
+    """Seconds as live's message writes them (JavaScript ``windowMs / 1000``): 60, 2.5."""
+    return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))
+
+
+class LiveRateLimits:
+    """The live service's rate limits, for ``serve --live``.
+
+    Live (its public source) puts a fixed-window limiter in front of each POST route:
+    creates 20, release and complete 30, dispute 10, per 60 s. A bucket is keyed on the
+    request path and the client address, so all of a client's creates share
+    ``/escrow/create`` while release, complete and dispute count per escrow
+    (``/escrow/release/esc_…``). The address is the first ``X-Forwarded-For`` entry, else
+    ``X-Real-IP``, else one bucket shared by everyone (live sits behind a proxy that sets
+    them; the connecting address is never used). Over the limit: 429
+    ``{"error": "rate_limited", "message": "Too many requests. Limit: N per Ss"}`` and no
+    ``Retry-After`` header.
+    """
+
+    CREATE: Rate = (20, 60.0)
+    RELEASE: Rate = (30, 60.0)  # release and complete
+    DISPUTE: Rate = (10, 60.0)
+
+    def __init__(
+        self,
+        create_rate: Optional[Rate] = None,
+        release_rate: Optional[Rate] = None,
+        dispute_rate: Optional[Rate] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        release = release_rate or self.RELEASE
+        self.rates: dict[str, Rate] = {
+            "create": tuple(create_rate or self.CREATE),
+            "release": tuple(release),
+            "complete": tuple(release),
+            "dispute": tuple(dispute_rate or self.DISPUTE),
+        }
+        self._limiters = {op: RateLimiter(*rate, clock=clock) for op, rate in self.rates.items()}
+
+    @staticmethod
+    def client_address(request: Request) -> str:
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        return forwarded or request.headers.get("X-Real-IP", "") or "unknown"
+
+    def check(self, request: Request, operation: str) -> None:
+        """Count this request; raise :class:`RateLimited` (no ``retry_after``) if over."""
+        limiter = self._limiters.get(operation)
+        if limiter is None:
+            return
+        key = f"{request.path}:{self.client_address(request)}"
+        if limiter.retry_after(key) is not None:
+            raise RateLimited(
+                f"Too many requests. Limit: {limiter.count} per {_js_seconds(limiter.seconds)}s"
+            )
+
+    def describe(self) -> str:
+        def rate(op: str) -> str:
+            count, seconds = self.rates[op]
+            return f"{count}/{_js_seconds(seconds)}s"
+
+        return (f"creates {rate('create')} per client address; release and complete "
+                f"{rate('release')}, dispute {rate('dispute')} per escrow path; no Retry-After")
 
 
 def _json_default(value: Any) -> Any:
@@ -97,20 +185,28 @@ class SandboxApp:
         self,
         engine: SandboxEngine,
         *,
-        idempotency: bool = True,
-        refunds: bool = True,
+        idempotency: Optional[bool] = None,
+        refunds: Optional[bool] = None,
         create_rate: Optional[Rate] = None,
         release_rate: Optional[Rate] = None,
+        dispute_rate: Optional[Rate] = None,
+        live: bool = False,
     ) -> None:
+        if live and (idempotency or refunds):
+            raise ValueError("live mode has no refund endpoint and no idempotency keys")
         self.engine = engine
-        self.idempotency = idempotency
-        self.refunds = refunds
-        self.extensions = app_extensions(idempotency, refunds)
+        self.live = live
+        self.idempotency = not live if idempotency is None else idempotency
+        self.refunds = not live if refunds is None else refunds
+        self.extensions = app_extensions(self.idempotency, self.refunds)
+        self.live_limits: Optional[LiveRateLimits] = (
+            LiveRateLimits(create_rate, release_rate, dispute_rate) if live else None
+        )
         # Refunds get the release rate but their own windows (live limits per path).
         self._limits = {
-            operation: RateLimiter(*rate) if rate else None
+            operation: RateLimiter(*rate) if rate and not live else None
             for operation, rate in (("create", create_rate), ("release", release_rate),
-                                    ("refund", release_rate))
+                                    ("refund", release_rate), ("dispute", dispute_rate))
         }
         rules = [
             Rule("/", endpoint="index", methods=["GET"]),
@@ -127,7 +223,7 @@ class SandboxApp:
             Rule("/wallet/balance", endpoint="balance", methods=["GET"]),
             Rule("/sandbox/balances", endpoint="balances", methods=["GET"]),
         ]
-        if refunds:
+        if self.refunds:
             rules.append(Rule("/escrow/refund/<escrow_id>", endpoint="refund", methods=["POST"]))
         self.url_map = Map(rules, strict_slashes=False)
 
@@ -179,6 +275,9 @@ class SandboxApp:
         return response
 
     def _limit(self, request: Request, operation: str) -> None:
+        if self.live_limits is not None:
+            self.live_limits.check(request, operation)
+            return
         limiter = self._limits.get(operation)
         if limiter is None:
             return
@@ -265,11 +364,13 @@ class SandboxApp:
         return self._json(result)
 
     def on_complete(self, request: Request, escrow_id: str) -> Response:
+        self._limit(request, "complete")
         result = self.engine.complete(self._agent(request), escrow_id)
         result["message"] = "Task marked complete. Waiting for creator to release funds."
         return self._json(result)
 
     def on_dispute(self, request: Request, escrow_id: str) -> Response:
+        self._limit(request, "dispute")
         agent = self._agent(request)
         result = self.engine.dispute(agent, escrow_id, self._body(request).get("reason"))
         result["message"] = "Escrow flagged for manual review; its funds stay locked."
@@ -329,10 +430,12 @@ def balances_json(balances: dict) -> dict:
 def make_app(
     engine: SandboxEngine,
     *,
-    idempotency: bool = True,
-    refunds: bool = True,
+    idempotency: Optional[bool] = None,
+    refunds: Optional[bool] = None,
     create_rate: Optional[Rate] = None,
     release_rate: Optional[Rate] = None,
+    dispute_rate: Optional[Rate] = None,
+    live: bool = False,
 ) -> SandboxApp:
     """The sandbox escrow as a WSGI callable.
 
@@ -341,11 +444,17 @@ def make_app(
     engine
         The escrow engine (its database file) behind the app.
     idempotency, refunds
-        Sandbox extensions to offer. Both False: settles like the live service.
-    create_rate, release_rate
-        ``(count, seconds)`` per client address, e.g. ``(20, 60)`` as live; over it
-        answers 429 with ``Retry-After``. None (default): unlimited. ``release_rate``
-        also limits refunds (a separate window).
+        Sandbox extensions to offer (default: both, unless ``live``). Both False: settles
+        like the live service.
+    create_rate, release_rate, dispute_rate
+        ``(count, seconds)``. Without ``live``: per connecting address across escrows,
+        over it 429 with ``Retry-After``; None (default): unlimited; ``release_rate`` also
+        limits refunds (a separate window). With ``live``: the numbers of live's limits
+        (see :class:`LiveRateLimits`; ``release_rate`` covers release and complete),
+        None: live's own (20/60, 30/60, 10/60).
+    live
+        Behave like the live service: no refund, no idempotency (neither advertised),
+        live's rate limits.
     """
     return SandboxApp(
         engine,
@@ -353,6 +462,8 @@ def make_app(
         refunds=refunds,
         create_rate=create_rate,
         release_rate=release_rate,
+        dispute_rate=dispute_rate,
+        live=live,
     )
 
 
@@ -380,10 +491,12 @@ def serve(
     port: int = 0,
     db: Optional[str | os.PathLike] = None,
     *,
-    idempotency: bool = True,
-    refunds: bool = True,
+    idempotency: Optional[bool] = None,
+    refunds: Optional[bool] = None,
     create_rate: Optional[Rate] = None,
     release_rate: Optional[Rate] = None,
+    dispute_rate: Optional[Rate] = None,
+    live: bool = False,
     wrap: Optional[Callable[[WSGIApp], WSGIApp]] = None,
 ) -> None:
     """Serve the sandbox escrow until interrupted (Ctrl-C or SIGTERM).
@@ -393,13 +506,16 @@ def serve(
     app before serving (middleware, e.g. fault injection in tests).
     """
     engine = SandboxEngine(db if db is not None else SandboxEngine.default_path())
-    app: WSGIApp = make_app(
+    sandbox_app = make_app(
         engine,
         idempotency=idempotency,
         refunds=refunds,
         create_rate=create_rate,
         release_rate=release_rate,
+        dispute_rate=dispute_rate,
+        live=live,
     )
+    app: WSGIApp = sandbox_app
     if wrap is not None:
         app = wrap(app)
     engine.stats()  # opens (and if new, creates) the database before we listen
@@ -408,9 +524,12 @@ def serve(
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _stop_on_sigterm)
         # Inside the try: a SIGTERM right after the line is printed must stop us cleanly.
+        mode = ""
+        if sandbox_app.live_limits is not None:
+            mode = f"; live mode: {sandbox_app.live_limits.describe()}"
         print(
             f"pf-metaflow sandbox serving on {server_url(server)} (db: {engine.path}; "
-            f"extensions: {', '.join(app_extensions(idempotency, refunds))})",
+            f"extensions: {', '.join(sandbox_app.extensions)}{mode})",
             flush=True,
         )
         server.serve_forever()
