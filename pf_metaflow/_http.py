@@ -1,28 +1,32 @@
-"""The client's HTTP side: one ``requests.Session`` and the retry policy.
+"""The HTTP transport: the live wire protocol over one ``requests.Session``.
 
-Kept apart from :mod:`pf_metaflow.client` so that the embedded sandbox (the default,
-and every Metaflow task of a sandbox run) never imports ``requests``, ``urllib3`` or
-``tenacity``: they are loaded only when an ``http(s)://`` escrow URL is configured.
+It knows the wire (paths, headers, status codes, what a dropped connection means) and
+nothing above it: answers go up as the service's JSON objects, failures as the errors of
+:mod:`pf_metaflow.errors`. What an answer *means* is :mod:`pf_metaflow.answers`' call.
+
+Loaded only when an ``http(s)://`` escrow URL is configured, so that the embedded
+sandbox (the default, and every Metaflow task of a sandbox run) never imports
+``requests`` or ``urllib3``.
 """
 
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import json
-import logging
 import sys
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
 
 import requests
-import tenacity
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from . import client as _client
-from .client import _HTTP_EXCERPT, _money, _retryable
+from .answers import Capabilities, parse_capabilities, parse_money
 from .errors import (
     AmbiguousOutcome,
+    ConfigurationError,
     NetworkError,
     NotFound,
     ProtocolError,
@@ -30,80 +34,59 @@ from .errors import (
 )
 from .ids import redact
 
-log = logging.getLogger("pf_metaflow.client")
+_HTTP_EXCERPT = 160
 
 
-# --------------------------------------------------------------------------- retry policy
+# --------------------------------------------------------------------------- configuration
 
 
-class wait_retry_after(tenacity.wait.wait_base):
-    """Wait what the server asked (``Retry-After``, capped at ``cap``), else ``fallback``."""
-
-    def __init__(self, fallback: tenacity.wait.wait_base, cap: float) -> None:
-        self.fallback = fallback
-        self.cap = cap
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        asked = getattr(exc, "details", {}).get("retry_after") if exc is not None else None
-        if asked is not None:
-            return min(max(float(asked), 0.0), self.cap)
-        return self.fallback(retry_state)
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-def _log_retry(retry_state: tenacity.RetryCallState) -> None:
-    exc = retry_state.outcome.exception() if retry_state.outcome else None
-    log.info(
-        "pf-metaflow: attempt %d failed (%s: %s); retrying in %.2f s",
-        retry_state.attempt_number,
-        type(exc).__name__,
-        getattr(exc, "message", exc),
-        retry_state.upcoming_sleep,
-    )
+def http_base(url: str, key: Optional[str]) -> str:
+    """The base URL requests are sent to, or ConfigurationError.
 
-
-class stop_after_attempt_unless_paced(tenacity.stop.stop_base):
-    """Stop after ``max_attempts``, except while the server paces us with ``Retry-After``.
-
-    A 429 or 503 that says when to come back is the server scheduling us, not a
-    failure: many tasks of one run share a rate limit (20 creates a minute on the
-    live service), so they wait their turn for as long as ``max_wait`` allows.
+    The key goes over HTTPS only, except to loopback. Messages never echo the URL,
+    which might hold a secret someone pasted into it.
     """
-
-    # However the server paces us, one call never sends more than this many requests.
-    PACED_ATTEMPTS_CAP = 50
-
-    def __init__(self, max_attempts: int) -> None:
-        self.max_attempts = max_attempts
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        if retry_state.attempt_number >= self.PACED_ATTEMPTS_CAP:
-            return True
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        paced = getattr(exc, "details", {}).get("retry_after") is not None if exc is not None else False
-        return not paced and retry_state.attempt_number >= self.max_attempts
-
-
-def retry_policy(max_attempts: int = 4, max_wait: float = 30.0) -> tenacity.Retrying:
-    """The client's one retry policy.
-
-    At most ``max_attempts`` attempts (not counting waits the server asked for with
-    ``Retry-After``), and never a wait that would take the time spent past
-    ``max_wait`` seconds (so a ``Retry-After`` longer than that is not waited out:
-    the :class:`RateLimited` error goes to the caller with its ``retry_after``).
-    Waits honour ``Retry-After``, else back off exponentially with jitter. Only
-    failures that cannot move money twice are retried.
-    """
-    return tenacity.Retrying(
-        stop=stop_after_attempt_unless_paced(max_attempts) | tenacity.stop_before_delay(max_wait),
-        wait=wait_retry_after(
-            tenacity.wait_exponential_jitter(max=max_wait, jitter=0.5), cap=max_wait
-        ),
-        retry=tenacity.retry_if_exception(_retryable),
-        sleep=lambda seconds: _client._sleep(seconds),  # looked up late: tests replace it
-        before_sleep=_log_retry,
-        reraise=True,
-    )
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ("http", "https"):
+        raise ConfigurationError(
+            "PF_ESCROW_URL must be an https:// URL (e.g. https://escrow.purpleflea.com), "
+            "sandbox: or unset"
+        )
+    parts = urlsplit(url)
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigurationError("PF_ESCROW_URL has an invalid port") from None
+    if not host:
+        raise ConfigurationError("PF_ESCROW_URL has no host: use https://escrow.purpleflea.com")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError(
+            "PF_ESCROW_URL must not contain a user name or password: the key goes in PF_API_KEY"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigurationError("PF_ESCROW_URL must be a base URL, without '?' or '#' parts")
+    base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    if key is None:
+        raise ConfigurationError(
+            f"no API key for the escrow service at {base}: set PF_API_KEY "
+            "(or pass api_key=) to your Purple Flea key (pf_live_…)"
+        )
+    if scheme == "http" and not _is_loopback(host):
+        raise ConfigurationError(
+            f"refusing to send the API key over plain http to {host}: use https:// "
+            "(plain http is allowed only to 127.0.0.1, ::1 and localhost)"
+        )
+    return base
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -185,18 +168,23 @@ def _failure_reason(exc: BaseException) -> str:
 class HttpTransport:
     """The live wire protocol over one requests.Session (its connection pool is reused)."""
 
-    def __init__(self, base: str, key: str, timeout: float, session: requests.Session) -> None:
+    def __init__(
+        self, base: str, key: str, timeout: float, session: Optional[requests.Session] = None
+    ) -> None:
         self.base = base
         self._key = key
         self._auth = _BearerAuth(key)
         self._timeout = timeout
-        self._session = session
+        self._session = session if session is not None else requests.Session()
         version = getattr(sys.modules.get("pf_metaflow"), "__version__", "0")
         self._headers = {
             "Accept": "application/json",
             "User-Agent": f"pf-metaflow/{version} {requests.utils.default_user_agent()}",
         }
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
+
+    def __repr__(self) -> str:
+        return f"HttpTransport({redact(self.base, self._key)!r})"
 
     def request(
         self,
@@ -275,7 +263,7 @@ class HttpTransport:
             details = {k: v for k, v in data.items() if k not in ("error", "message", "_info")}
             if "balance" in details:
                 try:
-                    details["balance"] = _money(details, "balance")
+                    details["balance"] = parse_money(details, "balance")
                 except ProtocolError:
                     pass
         elif status in (429, 503):
@@ -340,18 +328,16 @@ class HttpTransport:
     def get(self, escrow_id: str) -> dict:
         return self.request(f"get {escrow_id}", "GET", f"/escrow/{escrow_id}")[0]
 
-    def capabilities(self) -> frozenset[str]:
+    def capabilities(self) -> Capabilities:
         try:
-            doc = self.request("read capabilities", "GET", "/openapi.json")[0]
+            document = self.request("read capabilities", "GET", "/openapi.json")[0]
         except NotFound:
-            return frozenset()  # no OpenAPI document: certainly not our sandbox
-        marker = doc.get("x-pf-sandbox")
-        if not isinstance(marker, dict):
-            return frozenset()  # the live service: no extensions
-        extensions = marker.get("extensions")
-        if not isinstance(extensions, list):
-            return frozenset()
-        return frozenset(e for e in extensions if isinstance(e, str))
+            document = None  # no OpenAPI document: certainly not our sandbox
+        return parse_capabilities(document)
+
+    def agent_id(self) -> Optional[str]:
+        """The live protocol has no way to ask whose key this is (a sandbox's balance does)."""
+        return None
 
     def balance(self) -> dict:
         return self.request("read balance", "GET", "/wallet/balance")[0]

@@ -53,7 +53,9 @@ def pf_create(
     referral_code : str, optional
         Default ``$PF_REFERRAL_CODE``.
     idempotency_key : str, optional
-        Makes a create safe to retry on servers that honour it (the sandbox).
+        Makes a create safe to retry on servers that honour it (the sandbox). The
+        live service ignores it: the client then logs a warning (once) and the
+        returned escrow's ``idempotency_honoured`` is False.
     client : EscrowClient, optional
         Default :func:`default_client`.
     """
@@ -77,9 +79,12 @@ def pf_release(escrow: EscrowRef, *, client: Optional[EscrowClient] = None) -> S
     return (client or default_client()).release(escrow)
 
 
-def pf_refund(escrow: EscrowRef, *, client: Optional[EscrowClient] = None) -> Settlement:
-    """Give the escrow back to the payer (``refund_pending`` on the live service)."""
-    return (client or default_client()).refund(escrow)
+def pf_refund(
+    escrow: EscrowRef, *, creator_id: Optional[str] = None, client: Optional[EscrowClient] = None
+) -> Settlement:
+    """Give the escrow back to the payer (``refund_pending`` on the live service, only for
+    an escrow this key created: ``creator_id`` names the creator you expect)."""
+    return (client or default_client()).refund(escrow, creator_id=creator_id)
 
 
 def pf_get(escrow: EscrowRef, *, client: Optional[EscrowClient] = None) -> Escrow:

@@ -10,6 +10,7 @@ Catch the level you care about::
     │   └── InvalidDescription
     ├── AuthenticationError       401
     ├── PermissionDenied          403: only an escrow's creator may release or refund it
+    │                             (also raised locally: refund_pending for another's escrow)
     ├── InsufficientFunds         402
     ├── NotFound                  404: unknown escrow or counterparty
     ├── Conflict                  409
@@ -20,6 +21,7 @@ Catch the level you care about::
     │   └── ServiceUnavailable    503
     ├── NetworkError              the request never reached the server (safe to retry)
     ├── AmbiguousOutcome          it may or may not have happened: check before retrying
+    │                             (a lost answer; for a create also a 5xx or an unreadable 2xx)
     ├── ProtocolError             an answer we cannot read (HTML, empty, wrong shape)
     └── BudgetError               a budget or a payment plan is wrong (raised before money moves)
 
@@ -151,10 +153,12 @@ class NetworkError(PurpleFleaError):
 
 
 class AmbiguousOutcome(PurpleFleaError):
-    """The request may have taken effect (timeout or reset after sending).
+    """The request may have taken effect (timeout or reset after sending; for a create,
+    any 5xx or an answer we cannot read, since only a 4xx or a request never sent proves
+    that nothing happened).
 
     ``details`` carries ``operation`` and, for a create, the ``description`` tag
-    to look the escrow up by.
+    to look the escrow up by (and ``error_code``, the code of the answer, if one came).
     """
 
     default_code = "outcome_unknown"

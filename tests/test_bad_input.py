@@ -33,7 +33,7 @@ from conftest import running_sandbox_server
 from mfrun import DECORATED_START_FLOW, Workspace, write_flow
 from werkzeug.wrappers import Response
 
-from pf_metaflow import client as client_mod
+from pf_metaflow import retries as client_mod
 from pf_metaflow.budget import allot_shards, budget_for, plan_budget
 from pf_metaflow.client import EscrowClient
 from pf_metaflow.errors import PurpleFleaError

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pf_metaflow import client as client_mod
+from pf_metaflow import retries as client_mod
 from pf_metaflow.api import pf_create, pf_refund, pf_release
 from pf_metaflow.client import EscrowClient, default_client
 from pf_metaflow.errors import (

@@ -18,7 +18,7 @@ import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 from urllib3.exceptions import ProtocolError as Urllib3ProtocolError
 
-from pf_metaflow import client as client_mod
+from pf_metaflow import retries as client_mod
 from pf_metaflow.client import EscrowClient
 from pf_metaflow.errors import (
     AmbiguousOutcome,
@@ -257,22 +257,22 @@ def test_a_retry_after_beyond_max_wait_is_not_waited_out(requests_mock, waits):
     assert len(sent(requests_mock)) == 1
 
 
-def test_503_without_retry_after_gives_up_after_max_attempts(requests_mock, waits):
+def test_503_on_a_read_without_retry_after_gives_up_after_max_attempts(requests_mock, waits):
     client = EscrowClient(URL, KEY, max_attempts=3)
-    requests_mock.post(CREATE, status_code=503, json={"error": "service_unavailable"})
+    requests_mock.get(GET, status_code=503, json={"error": "service_unavailable"})
     with pytest.raises(ServiceUnavailable):
-        create(client)
-    assert len(sent(requests_mock)) == 3
+        client.get(ESC)
+    assert len(sent(requests_mock, "GET", GET)) == 3
     assert len(waits) == 2
 
 
 def test_503_that_paces_with_retry_after_is_waited_out_but_never_more_than_50_requests(requests_mock, waits):
     client = EscrowClient(URL, KEY, max_attempts=3, max_wait=3600)
-    requests_mock.post(CREATE, status_code=503, headers={"Retry-After": "1"},
-                       json={"error": "service_unavailable"})
+    requests_mock.get(GET, status_code=503, headers={"Retry-After": "1"},
+                      json={"error": "service_unavailable"})
     with pytest.raises(ServiceUnavailable):
-        create(client)
-    assert len(sent(requests_mock)) == 50
+        client.get(ESC)
+    assert len(sent(requests_mock, "GET", GET)) == 50
     assert waits == [1.0] * 49
 
 
@@ -284,13 +284,78 @@ def test_max_attempts_one_never_retries(requests_mock, waits):
     assert len(sent(requests_mock)) == 1 and waits == []
 
 
-@pytest.mark.parametrize("code", ["debit_failed", "internal_error"])
-def test_500_is_the_servers_own_no_and_is_not_retried(client, requests_mock, waits, code):
-    requests_mock.post(CREATE, status_code=500, json={"error": code})
-    with pytest.raises(ServerError) as caught:
+FIVE_HUNDREDS = [
+    pytest.param({"status_code": 500, "json": {"error": "debit_failed"}}, id="500-debit_failed"),
+    pytest.param({"status_code": 500, "json": {"error": "internal_error"}}, id="500-internal_error"),
+    pytest.param({"status_code": 500, "text": "<html>Internal Server Error</html>"}, id="500-html"),
+    pytest.param({"status_code": 503, "json": {"error": "service_unavailable"}}, id="503-json"),
+    pytest.param({"status_code": 503, "headers": {"Retry-After": "1"},
+                  "json": {"error": "service_unavailable"}}, id="503-retry-after"),
+    pytest.param({"status_code": 503, "text": "<html>down</html>"}, id="503-proxy-page"),
+    pytest.param({"status_code": 502, "text": "<html>Bad Gateway</html>"}, id="502-proxy-page"),
+    pytest.param({"status_code": 504, "text": "<html>Gateway Timeout</html>"}, id="504-proxy-page"),
+    pytest.param({"status_code": 520, "text": "<html>Error 520</html>"}, id="520-cdn-page"),
+]
+
+
+@pytest.mark.parametrize("answer", FIVE_HUNDREDS)
+def test_a_5xx_on_create_is_ambiguous_and_sent_once(client, requests_mock, waits, answer):
+    requests_mock.post(CREATE, **answer)
+    with pytest.raises(AmbiguousOutcome) as caught:
         create(client)
-    assert caught.value.code == code
+    assert type(caught.value) is AmbiguousOutcome
+    assert caught.value.status == answer["status_code"]
+    assert caught.value.details["description"] == "shard 7 of 12"
     assert len(sent(requests_mock)) == 1 and waits == []
+    assert requests_mock.call_count == 1  # no key: not even a capability check
+
+
+@pytest.mark.parametrize("answer", FIVE_HUNDREDS)
+def test_a_5xx_on_create_with_a_key_the_server_ignores_is_ambiguous_and_sent_once(
+    client, requests_mock, waits, answer
+):
+    requests_mock.get(OPENAPI, json=LIVE_OPENAPI)
+    requests_mock.post(CREATE, **answer)
+    with pytest.raises(AmbiguousOutcome, match="does not honour idempotency keys"):
+        create(client, idempotency_key="run/1/step/0")
+    assert len(sent(requests_mock)) == 1 and waits == []
+
+
+@pytest.mark.parametrize("answer", FIVE_HUNDREDS)
+def test_a_5xx_on_create_with_a_key_the_server_honours_is_resent_with_the_same_key(
+    client, requests_mock, answer
+):
+    requests_mock.get(OPENAPI, json=SANDBOX_OPENAPI)
+    requests_mock.post(CREATE, [answer, {"status_code": 201, "json": CREATED,
+                                         "headers": {"Idempotent-Replayed": "true"}}])
+    escrow = create(client, idempotency_key="run/1/step/0")
+    assert (escrow.escrow_id, escrow.replayed) == (ESC, True)
+    first, second = sent(requests_mock)
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "run/1/step/0"
+    assert first.text == second.text
+
+
+def test_a_reset_after_sending_a_create_is_ambiguous_and_sent_once(client, requests_mock, waits):
+    reset = requests.exceptions.ConnectionError(Urllib3ProtocolError(
+        "Connection aborted.", ConnectionResetError(104, "Connection reset by peer")))
+    requests_mock.post(CREATE, exc=reset)
+    with pytest.raises(AmbiguousOutcome, match="connection reset"):
+        create(client)
+    assert len(sent(requests_mock)) == 1 and waits == []
+
+
+def test_a_500_on_release_is_not_retried(client, requests_mock, waits):
+    requests_mock.post(RELEASE, status_code=500, json={"error": "release_failed"})
+    with pytest.raises(ServerError):
+        client.release(ESC)
+    assert len(sent(requests_mock, "POST", RELEASE)) == 1 and waits == []
+
+
+def test_503_on_release_is_still_retried(client, requests_mock, waits):
+    requests_mock.post(RELEASE, [{"status_code": 503, "json": {"error": "service_unavailable"}},
+                                 {"status_code": 200, "json": RELEASED}])
+    assert client.release(ESC).status == "released"
+    assert len(sent(requests_mock, "POST", RELEASE)) == 2
 
 
 def test_a_4xx_answer_is_not_retried(client, requests_mock, waits):
@@ -415,6 +480,65 @@ class AnswerLate:
         return body
 
 
+class ActThenFail:
+    """WSGI middleware: the first ``times`` requests to ``path`` are handled (the escrow
+    moves), then answered 500 as if the service broke after acting."""
+
+    def __init__(self, app, path_prefix: str, times: int = 1) -> None:
+        self.app, self.prefix, self.left = app, path_prefix, times
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        with self.lock:
+            fail = environ["PATH_INFO"].startswith(self.prefix) and self.left > 0
+            self.left -= fail
+        if not fail:
+            return self.app(environ, start_response)
+        list(self.app(environ, lambda *args, **kwargs: None))
+        start_response("500 Internal Server Error", [("Content-Type", "application/json")])
+        return [b'{"error": "internal_error", "message": "Internal error"}']
+
+
+@pytest.fixture
+def failing_server(engine):
+    servers = []
+
+    def start(path_prefix: str, **options) -> str:
+        server = make_http_server(ActThenFail(make_app(engine, **options), path_prefix))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server_url(server)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_real_create_that_acted_then_answered_500_is_ambiguous_and_sent_once(
+    engine, failing_server, waits
+):
+    url = failing_server("/escrow/create", idempotency=False, refunds=False)
+    client = EscrowClient(url, "pf_sandbox_payer_key")
+    with pytest.raises(AmbiguousOutcome, match="may or may not have been created"):
+        client.create("1.00", counterparty_agent_id="ag_sandbox_worker",
+                      description="locked behind a 500", idempotency_key="run/9/s/0")
+    assert [e["description"] for e in engine.list_escrows()] == ["locked behind a 500"]
+    assert waits == []
+
+
+def test_a_real_create_that_acted_then_answered_500_is_replayed_by_a_server_with_idempotency(
+    engine, failing_server, waits
+):
+    url = failing_server("/escrow/create")
+    client = EscrowClient(url, "pf_sandbox_payer_key")
+    escrow = client.create("1.00", counterparty_agent_id="ag_sandbox_worker",
+                           description="created once", idempotency_key="run/9/s/0")
+    assert escrow.replayed is True
+    assert [e["escrow_id"] for e in engine.list_escrows()] == [escrow.escrow_id]
+    engine.check_invariant()
+
+
 @pytest.fixture
 def slow_server(engine):
     servers = []
@@ -476,7 +600,7 @@ def test_rate_limited_create_waits_its_turn_beyond_the_attempt_cap(requests_mock
     from pf_metaflow.client import EscrowClient
 
     waits = []
-    monkeypatch.setattr("pf_metaflow.client._sleep", waits.append)
+    monkeypatch.setattr("pf_metaflow.retries._sleep", waits.append)
     url = "https://escrow.purpleflea.com"
     limited = {"status_code": 429, "json": {"error": "rate_limited"}, "headers": {"Retry-After": "20"}}
     created = {"status_code": 201, "json": {

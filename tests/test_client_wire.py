@@ -12,10 +12,11 @@ from decimal import Decimal
 
 import pytest
 
-from pf_metaflow import client as client_mod
+from pf_metaflow import retries as client_mod
 from pf_metaflow.api import pf_create, pf_get, pf_refund, pf_release
 from pf_metaflow.client import Escrow, EscrowClient, Settlement
 from pf_metaflow.errors import (
+    AmbiguousOutcome,
     AuthenticationError,
     InsufficientFunds,
     InvalidAgentId,
@@ -147,9 +148,10 @@ def test_create_sends_the_bearer_key_and_no_idempotency_key_unless_given(client,
 
 
 def test_create_sends_the_idempotency_key_header_when_given(client, mock):
+    mock.get(f"{URL}/openapi.json", json=SANDBOX_OPENAPI)
     mock.post(f"{URL}/escrow/create", status_code=201, json=CREATED)
     create(client, idempotency_key="run-7/train/3/0")
-    (sent,) = mock.request_history
+    (sent,) = [r for r in mock.request_history if r.method == "POST"]
     assert sent.headers["Idempotency-Key"] == "run-7/train/3/0"
     assert "idempotency" not in sent.text.lower()
 
@@ -259,9 +261,11 @@ def test_amounts_are_parsed_as_decimals_not_floats(client, mock):
 
 
 def test_a_replayed_create_is_marked_replayed(client, mock):
+    mock.get(f"{URL}/openapi.json", json=SANDBOX_OPENAPI)
     mock.post(f"{URL}/escrow/create", status_code=201, json=CREATED,
               headers={"Idempotent-Replayed": "true"})
-    assert create(client, idempotency_key="k-1").replayed is True
+    escrow = create(client, idempotency_key="k-1")
+    assert (escrow.replayed, escrow.idempotency_honoured) == (True, True)
 
 
 def test_release_200_becomes_a_settlement_with_gross_fee_and_net(client, mock):
@@ -314,12 +318,12 @@ def test_an_escrow_object_or_its_id_are_both_accepted(client, mock):
         (400, "invalid_counterparty", InvalidAgentId),
         (400, "self_escrow", InvalidAgentId),
         (401, "unauthorized", AuthenticationError),
+        (402, "insufficient_balance", InsufficientFunds),
         (404, "counterparty_not_found", NotFound),
-        (500, "debit_failed", ServerError),
-        (500, "internal_error", ServerError),
+        (429, "rate_limited", RateLimited),
     ],
 )
-def test_create_error_answers_map_to_error_classes(client, mock, status, code, error):
+def test_create_refusals_map_to_error_classes(client, mock, status, code, error):
     mock.post(f"{URL}/escrow/create", status_code=status,
               json={"error": code, "message": "the service says no", "_info": INFO})
     with pytest.raises(error) as caught:
@@ -329,6 +333,28 @@ def test_create_error_answers_map_to_error_classes(client, mock, status, code, e
     assert "the service says no" in caught.value.message
     assert KEY not in str(caught.value) and KEY not in repr(caught.value)
     assert len(mock.request_history) == 1
+
+
+@pytest.mark.parametrize("code", ["debit_failed", "internal_error"])
+def test_a_500_answer_to_a_create_is_an_unknown_outcome_not_a_refusal(client, mock, code):
+    mock.post(f"{URL}/escrow/create", status_code=500,
+              json={"error": code, "message": "the service says no", "_info": INFO})
+    with pytest.raises(AmbiguousOutcome) as caught:
+        create(client)
+    assert (caught.value.code, caught.value.status) == ("outcome_unknown", 500)
+    assert caught.value.details["error_code"] == code
+    assert "the service says no" in caught.value.message
+    assert "may or may not have been created" in caught.value.message
+    assert KEY not in str(caught.value) and KEY not in repr(caught.value)
+    assert len(mock.request_history) == 1
+
+
+@pytest.mark.parametrize("code", ["release_failed", "internal_error"])
+def test_a_500_answer_to_a_release_stays_a_server_error(client, mock, code):
+    mock.post(f"{URL}/escrow/release/{ESC}", status_code=500, json={"error": code})
+    with pytest.raises(ServerError) as caught:
+        client.release(ESC)
+    assert caught.value.code == code
 
 
 def test_402_carries_the_balance_as_a_decimal(client, mock):
@@ -382,6 +408,24 @@ def test_409_on_release_of_an_already_released_escrow_is_its_settlement(client, 
     assert "already released" in settlement.detail
 
 
+def test_an_already_released_escrow_read_back_has_an_unknown_referral_never_a_wrong_zero(client, mock):
+    mock.post(f"{URL}/escrow/release/{ESC}", status_code=409, json={
+        "error": "invalid_status", "message": "Cannot release escrow in status 'released'"})
+    mock.get(f"{URL}/escrow/{ESC}", json=record("released"))
+    assert client.release(ESC).referral_commission_usd is None
+
+
+def test_the_referral_is_what_the_release_answer_says(client, mock):
+    mock.post(f"{URL}/escrow/release/{ESC}", json={**RELEASED, "referral_commission": 0})
+    assert client.release(ESC).referral_commission_usd == Decimal("0")
+
+
+def test_a_release_answer_without_a_referral_leaves_it_unknown(client, mock):
+    mock.post(f"{URL}/escrow/release/{ESC}",
+              json={k: v for k, v in RELEASED.items() if k != "referral_commission"})
+    assert client.release(ESC).referral_commission_usd is None
+
+
 def test_429_carries_retry_after_seconds(client, mock):
     mock.post(f"{URL}/escrow/create", status_code=429, headers={"Retry-After": "17"},
               json={"error": "rate_limited", "message": "Too many requests. Limit: 20 per 60s"})
@@ -426,12 +470,23 @@ def test_a_server_message_echoing_the_key_is_redacted(client, mock):
 
 def test_an_html_error_page_is_a_protocol_error_with_status_and_excerpt(client, mock):
     page = "<!DOCTYPE html><html><head><title>Bad gateway config</title></head></html>"
-    mock.post(f"{URL}/escrow/create", status_code=500, text=page,
-              headers={"Content-Type": "text/html"})
+    mock.get(f"{URL}/escrow/{ESC}", status_code=500, text=page,
+             headers={"Content-Type": "text/html"})
     with pytest.raises(ProtocolError) as caught:
-        create(client)
+        client.get(ESC)
     assert caught.value.status == 500
     assert "HTML page" in caught.value.message
+    assert "Bad gateway config" in caught.value.details["excerpt"]
+
+
+def test_an_html_error_page_answering_a_create_is_an_unknown_outcome_that_says_what_came(client, mock):
+    page = "<!DOCTYPE html><html><head><title>Bad gateway config</title></head></html>"
+    mock.post(f"{URL}/escrow/create", status_code=500, text=page,
+              headers={"Content-Type": "text/html"})
+    with pytest.raises(AmbiguousOutcome) as caught:
+        create(client)
+    assert caught.value.status == 500
+    assert "answered HTTP 500 with an HTML page" in caught.value.message
     assert "Bad gateway config" in caught.value.details["excerpt"]
 
 
@@ -454,11 +509,20 @@ def test_a_json_array_answer_is_a_protocol_error(client, mock):
         client.get(ESC)
 
 
-def test_a_create_answer_without_an_escrow_id_is_a_protocol_error(client, mock):
+def test_a_created_answer_without_an_escrow_id_is_an_unknown_outcome(client, mock):
+    # A 201 we cannot read is a yes, garbled: the funds may well be locked.
     mock.post(f"{URL}/escrow/create", status_code=201,
               json={k: v for k, v in CREATED.items() if k != "escrow_id"})
-    with pytest.raises(ProtocolError, match="escrow_id"):
+    with pytest.raises(AmbiguousOutcome, match="no valid escrow_id") as caught:
         create(client)
+    assert caught.value.details["description"] == "label 1,000 images"
+
+
+def test_a_refusal_we_cannot_read_is_still_a_protocol_error(client, mock):
+    mock.post(f"{URL}/escrow/create", status_code=418, text="I'm a teapot")
+    with pytest.raises(ProtocolError) as caught:
+        create(client)
+    assert caught.value.status == 418
 
 
 def test_a_protocol_error_excerpt_never_shows_the_key(client, mock):
@@ -483,6 +547,17 @@ def test_refund_on_a_live_server_is_pending_until_auto_release_minus_one_percent
     assert "2026-01-02T00:00:00.000Z" in settlement.detail
     assert "no call can hasten it" in settlement.detail
     assert [r.method for r in mock.request_history] == ["GET", "GET"]  # no POST at all
+
+
+def test_refund_pending_takes_the_commission_from_the_server_not_recomputed(client, mock):
+    # The server rounds 1% of 0.3001 in floating point to 0.003; fee_for would say 0.003001.
+    mock.get(f"{URL}/openapi.json", json=LIVE_OPENAPI)
+    mock.get(f"{URL}/escrow/{ESC}", json=record(
+        "funded", amount_usd=0.3001, commission_usd=0.003, net_to_counterparty=0.2971))
+    settlement = client.refund(ESC)
+    assert (settlement.amount_usd, settlement.commission_usd, settlement.net_usd) == (
+        Decimal("0.300100"), Decimal("0.003000"), Decimal("0.297100"))
+    assert "0.297100 USDC" in settlement.detail
 
 
 def test_refund_on_a_live_server_of_a_timed_out_escrow_is_refunded_minus_the_fee(client, mock):
