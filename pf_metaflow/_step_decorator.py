@@ -8,47 +8,39 @@ Import it as ``pf_metaflow.decorator`` (or ``from pf_metaflow import pf_escrow_s
 this module is what Metaflow's extension loader imports while Metaflow itself is
 still initialising, so it must never be the first pf_metaflow module a user imports.
 
-The only module that knows about Metaflow's decorator lifecycle. Money moves
-through :mod:`pf_metaflow.settle`; every state an escrow reaches is written to
-the task's Metaflow metadata before the step goes on, so a task killed at any
-instant leaves a record that the next attempt or ``pf-metaflow reconcile`` settles.
+The only module that knows Metaflow's decorator lifecycle; the hooks delegate:
+:mod:`pf_metaflow.terms` checks the arguments, :mod:`pf_metaflow.task_escrow` keeps
+the task's one escrow across its attempts, :mod:`pf_metaflow.lease` tells
+``reconcile`` whether the task is still running. Every state an escrow reaches is
+written to the task's Metaflow metadata before the step goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import operator
-import re
+import os
 import signal
-from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from metaflow.decorators import StepDecorator, _base_step_decorator
 from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
 
 from . import ledger as ledger_mod
+from . import terms
 from .budget import budget_for
-from .errors import BudgetError, InvalidAmount, InvalidAgentId, PurpleFleaError
-from .ids import AGENT_ID_RE, check_agent_id, redact
+from .errors import BudgetError, InvalidAgentId, InvalidAmount, PurpleFleaError
+from .ids import check_agent_id, redact
 from .money import parse_usdc, usdc_str
 
 METADATA_TYPE = "pf-escrow"
 LEDGER_ARTIFACT = "pf_ledger"
 ESCROWS_ARTIFACT = "pf_escrows"
 BUDGET_ARTIFACT = "pf_budget"
-
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GATE = re.compile(
-    r"^\s*(?P<left>[A-Za-z_][A-Za-z0-9_]*)\s*(?:(?P<op>>=|<=|==|!=|>|<)\s*(?P<right>[^\s].*?))?\s*$"
-)
-_OPS: dict[str, Callable[[Any, Any], bool]] = {
-    ">=": operator.ge, "<=": operator.le, "==": operator.eq,
-    "!=": operator.ne, ">": operator.gt, "<": operator.lt,
-}
+SANDBOX_AGENT_PREFIX = "ag_sandbox_"
 
 
 class PfEscrowStepException(MetaflowException):
@@ -59,116 +51,26 @@ class PfEscrowRuntimeError(MetaflowException):
     headline = "pf_escrow_step could not lock escrow"
 
 
-# ---------------------------------------------------------------------------------------
-# The decorator's arguments, checked once at graph time.
-
-
-@dataclass(frozen=True)
-class _Value:
-    """A literal, or the name of a flow attribute (Parameter or artifact) read at run time."""
-
-    literal: Any = None
-    attribute: Optional[str] = None
-
-    def resolve(self, flow: Any, what: str) -> Any:
-        if self.attribute is None:
-            return self.literal
-        if not hasattr(flow, self.attribute):
-            raise PfEscrowRuntimeError(
-                f"{what} names the flow attribute {self.attribute!r}, but the flow has no "
-                "Parameter or artifact of that name at this step"
-            )
-        return getattr(flow, self.attribute)
-
-
-def _payee_value(raw: Any) -> _Value:
-    if raw is None:
-        return _Value(attribute="agent_wallet")
-    if isinstance(raw, str) and AGENT_ID_RE.match(raw):
-        return _Value(literal=raw)
-    if isinstance(raw, str) and _IDENTIFIER.match(raw) and not raw.startswith("ag_"):
-        return _Value(attribute=raw)
-    check_agent_id(raw)  # raises with the precise complaint
-    raise InvalidAgentId(f"agent_wallet {raw!r} is neither an agent id nor a flow attribute name")
-
-
-def _amount_value(raw: Any) -> Optional[_Value]:
-    if raw is None:
-        return None  # from the run's budget
-    if isinstance(raw, str) and _IDENTIFIER.match(raw.strip()) and raw.strip().lower() not in (
-        "nan", "inf", "infinity", "snan",
-    ):
-        return _Value(attribute=raw.strip())
-    return _Value(literal=parse_usdc(raw, name="amount_usdc"))
-
-
-@dataclass(frozen=True)
-class _Gate:
-    text: str
-    left: str
-    op: Optional[str] = None
-    right: Optional[_Value] = None
-
-    def check(self, flow: Any) -> tuple[bool, str]:
-        if not hasattr(flow, self.left):
-            return False, f"release gate {self.text!r}: the step did not set {self.left!r}"
-        left = getattr(flow, self.left)
-        if self.op is None:
-            return bool(left), f"release gate {self.text!r}: {self.left} is {left!r}"
-        right = self.right.resolve(flow, "release_if")
-        try:
-            ok = _OPS[self.op](left, right)
-        except TypeError:
-            return False, f"release gate {self.text!r}: cannot compare {left!r} with {right!r}"
-        verdict = "holds" if ok else "does not hold"
-        limit = self.right.attribute or "limit"
-        return ok, f"release gate {self.text!r} {verdict}: {self.left}={left!r}, {limit}={right!r}"
-
-
-def _parse_gate(raw: Any) -> Any:
-    if raw is None or callable(raw):
-        return raw
-    match = _GATE.match(str(raw))
-    if not match:
-        raise PfEscrowStepException(
-            f"release_if {raw!r} is not a gate: use an attribute name ('model_ok') or a comparison "
-            "('accuracy >= min_accuracy', 'null_rate <= 0.05')"
-        )
-    right = None
-    if match.group("op"):
-        text = match.group("right").strip()
-        if _IDENTIFIER.match(text):
-            right = _Value(attribute=text)
-        else:
-            try:
-                right = _Value(literal=json.loads(text))
-            except json.JSONDecodeError:
-                raise PfEscrowStepException(
-                    f"release_if {raw!r}: the right side must be an attribute name or a number"
-                ) from None
-    return _Gate(text=str(raw).strip(), left=match.group("left"), op=match.group("op"), right=right)
-
-
-def _steps_filter(raw: Any) -> Optional[frozenset[str]]:
-    if raw is None:
-        return None
-    names = raw if isinstance(raw, (list, tuple, set, frozenset)) else str(raw).replace("+", ",").split(",")
-    return frozenset(n.strip() for n in names if n and n.strip())
-
-
-# ---------------------------------------------------------------------------------------
+class PfEscrowReleaseError(MetaflowException):
+    headline = "pf_escrow_step could not pay the agent"
 
 
 class PfEscrowStepDecorator(StepDecorator):
     """
     Locks Purple Flea escrow before the step runs; releases it to the agent when the
-    step succeeds, refunds it when the step fails (then lets the exception go on, so
-    `@catch` records it and the run continues).
+    step succeeds, refunds it when the step has finally failed (then lets the exception
+    go on, so `@catch` records it and the run continues).
 
-    One escrow per task attempt. Its id is written to the task's metadata before the
-    step body runs, so a task that dies is settled by its next attempt or by
-    `pf-metaflow reconcile FLOW/RUN`. Each task adds its entry to the `pf_ledger`
-    artifact (joins merge their inputs' ledgers) and to `pf_escrows`.
+    One escrow per task, shared by its attempts: a `@retry` attempt pays from the
+    escrow its task already holds, and a task is paid at most once (a later attempt
+    of a task already paid runs unpaid, and says so). A failed attempt with a retry
+    left keeps the escrow for the next one; the refund comes when no user retry is
+    left, in `@catch`'s fallback, or when the release gate fails. A release that
+    finds its escrow refunded or disputed fails the step: a step never succeeds with
+    its agent unpaid. Every state is written to the task's metadata before the step
+    goes on, so `pf-metaflow reconcile FLOW/RUN` settles what a killed task left.
+    Each task adds its entry to the `pf_ledger` artifact (joins merge their inputs'
+    ledgers) and to `pf_escrows`.
 
     Parameters
     ----------
@@ -179,9 +81,11 @@ class PfEscrowStepDecorator(StepDecorator):
         USDC to lock: a literal (`2.5`, `"2.50"`; at least 0.10, at most 6 decimal
         places) or the name of a flow attribute or Parameter. Default: this step's
         budget in `self.pf_budget` (see `pf_metaflow.plan_budget`); inside a foreach,
-        the shard's allowance (`pf_metaflow.allot_shards`).
+        the shard's allowance (`pf_metaflow.allot_shards`). In a run with a budget,
+        an explicit amount may not exceed the step's budget.
     budget_key : str, optional
-        Which step's budget pays for this step, when not its own.
+        Which step's budget pays for this step, when not its own. Each budget pays
+        one step: two billed steps may not share a key.
     label : str, optional
         A short name for the work, shown in ledgers. Default: the step name.
     release_if : str or callable, optional
@@ -218,37 +122,25 @@ class PfEscrowStepDecorator(StepDecorator):
         self._step_name = step_name
         try:
             self._parse(graph, step_name)
-        except (InvalidAmount, InvalidAgentId, BudgetError) as exc:
-            raise PfEscrowStepException(f"step *{step_name}*: {exc.message}") from None
-        except PfEscrowStepException as exc:
+            _check_budget_keys(flow, graph)
+        except (InvalidAmount, InvalidAgentId, BudgetError, terms.TermsError) as exc:
             raise PfEscrowStepException(f"step *{step_name}*: {exc.message}") from None
         self._has_timeout = any(d.name == "timeout" for d in decorators)
+        self._retry_wait = _retry_wait_seconds(decorators)
         _attach_join_mergers(flow, graph)
 
     def _parse(self, graph, step_name):
         a = self.attributes
-        self._payee = _payee_value(a["agent_wallet"])
-        self._amount = _amount_value(a["amount_usdc"])
-        self._gate = _parse_gate(a["release_if"])
-        steps = _steps_filter(a["steps"])
-        names = {node.name for node in graph}
-        if steps is not None:
-            unknown = sorted(steps - names)
-            if unknown:
-                raise PfEscrowStepException(f"steps names {', '.join(unknown)}, not steps of this flow")
-        self._billed = steps is None or step_name in steps
-        budget_key = a["budget_key"]
-        if budget_key is not None and budget_key not in names:
-            raise PfEscrowStepException(
-                f"budget_key {budget_key!r} is not a step of this flow (steps: {', '.join(sorted(names))})"
-            )
-        if budget_key is not None and self._amount is not None:
-            raise PfEscrowStepException("give amount_usdc or budget_key, not both")
-        self._budget_key = budget_key or step_name
-        self._timeout_hours = _timeout_hours(a["timeout_hours"])
+        self._payee = terms.payee_value(a["agent_wallet"])
+        self._amount = terms.amount_value(a["amount_usdc"])
+        self._gate = terms.parse_gate(a["release_if"])
+        self._billed, self._budget_key = _billing(a, step_name, graph)
+        if a["budget_key"] is not None and self._amount is not None:
+            raise terms.TermsError("give amount_usdc or budget_key, not both")
+        self._timeout_hours = terms.timeout_hours(a["timeout_hours"])
         node = graph[step_name]
         if node.type == "split-parallel" or getattr(node, "parallel_step", False):
-            raise PfEscrowStepException(
+            raise terms.TermsError(
                 "@parallel steps run one task per node with a shared id; pay for them in the "
                 "step that launches them"
             )
@@ -257,15 +149,22 @@ class PfEscrowStepDecorator(StepDecorator):
 
     def task_pre_step(self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
                       retry_count, max_user_code_retries, ubf_context, inputs):
-        self._entry = None
-        self._release_tried = False
-        self._earlier_settled = False
+        from .lease import LeaseKeeper
+        from .task_escrow import TaskEscrow
+
         self._metadata = metadata
         self._where = (flow.name, str(run_id), step_name, str(task_id))
         self._attempt = retry_count
         self._client = None
         self._ledger = _incoming_ledger(flow, graph, step_name, inputs)
+        self._escrow = TaskEscrow("/".join(self._where), retry_count, read=self._records,
+                                  write=self._record, client=self._get_client)
+        self._lease = None
         self._publish(flow)
+        if self._billed:
+            # Before any escrow record: a task that may be running is never settled by others.
+            self._lease = LeaseKeeper(retry_count, self._write_lease)
+            self._lease.start()
 
     def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries, ubf_context):
         if not self._billed or retry_count > max_user_code_retries:
@@ -281,62 +180,76 @@ class PfEscrowStepDecorator(StepDecorator):
         return step_with_escrow
 
     def _lock_escrow(self, flow) -> None:
-        earlier = self._settle_earlier_attempts(flow)
-        recipient, amount = self._resolve_terms(flow, earlier)
-        entry = self._new_entry(flow, recipient, amount)
+        from .settle import SettlementError
+
+        intent: list = []
+
+        def build(ref: str, generation: int):
+            intent.append(self._new_entry(flow, ref, generation))
+            return intent[-1]
+
         try:
-            self._entry = _settle().open_escrow(self._get_client(), entry, self._record)
-        except PurpleFleaError as exc:
+            self._escrow.lock(build)
+        except (SettlementError, PurpleFleaError, terms.TermsError) as exc:
+            what = f"could not lock {intent[-1]['amount_usdc']} USDC for {intent[-1]['recipient']}: " \
+                if intent and not isinstance(exc, SettlementError) else ""
             raise PfEscrowRuntimeError(
-                f"step *{self._step_name}*: could not lock {usdc_str(amount)} USDC for {recipient}: "
-                f"{exc.message}. The step did not run."
-            ) from None
-        self._ledger = ledger_mod.merge(self._ledger, [self._entry])
-        self._publish(flow)
+                f"step *{self._step_name}*: {what}{exc.message}. The step did not run.") from None
+        finally:
+            self._note(flow)
 
     def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries):
-        if self._entry is None:
-            self._settle_earlier_attempts(flow)
+        entry = getattr(self, "_escrow", None) and self._escrow.entry
+        if not entry:
             return
         self._disarm_timeout()
         ok, why = self._check_gate(flow)
-        if ok:
-            self._release_tried = True
-            try:
-                self._entry = _settle().release(self._get_client(), self._entry, self._record)
-            finally:
-                self._ledger = ledger_mod.merge(self._ledger, [self._entry])
-                self._publish(flow)
-        else:
-            self._entry = _settle().refund(self._get_client(), self._entry, why, self._record)
-            self._ledger = ledger_mod.merge(self._ledger, [self._entry])
-            self._publish(flow)
-        print(_settlement_line(self._entry))
+        from .settle import SettlementError
+
+        before = entry.get("seq")
+        try:
+            self._escrow.succeed(ok, why)
+        except SettlementError as exc:
+            raise PfEscrowReleaseError(f"step *{step_name}*: {exc.message}") from None
+        finally:
+            self._note(flow)
+        if self._escrow.entry.get("seq") != before:  # an earlier attempt's payment is not this one's
+            print(_settlement_line(self._escrow.entry))
 
     def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries):
-        if self._entry is None:
-            # Failed before locking (bad terms, a refused create), or @catch's fallback
-            # attempt after a killed one: what earlier attempts left open is settled now.
-            try:
-                self._settle_earlier_attempts(flow)
-            except PurpleFleaError as exc:
-                print(f"[pf-metaflow] could not settle earlier attempts: {exc.message}; "
-                      "`pf-metaflow reconcile` will")
-            return False
-        if self._entry["status"] not in ledger_mod.OPEN_STATUSES:
-            return False
-        self._disarm_timeout()
-        reason = _failure_reason(exception)
-        settle_fn = _settle().resolve if self._release_tried else _settle().refund
+        # Never raise from here: Metaflow calls every decorator's task_exception in turn, and
+        # an error here would keep @catch from recording the step's failure.
         try:
-            self._entry = settle_fn(self._get_client(), self._entry, reason, self._record)
-        except PurpleFleaError as exc:
-            print(f"[pf-metaflow] could not settle {self._entry.get('escrow_id')}: {exc.message}; "
+            if not getattr(self, "_billed", False) or getattr(self, "_escrow", None) is None:
+                return False
+            self._disarm_timeout()
+            # No user retry left (or @catch's fallback attempt): the task has finally failed.
+            final = retry_count >= max_user_code_retries
+            before = self._escrow.entry
+            reason = _failure_reason(exception)
+            if retry_count > max_user_code_retries:
+                reason = (f"attempt {retry_count - 1} ended before settling (killed or crashed); "
+                          "@catch's fallback gives the escrow back")
+            after = self._escrow.fail(reason, final=final)
+            self._note(flow)
+            if after is not None and (before is None or after.get("seq") != before.get("seq")):
+                print(_settlement_line(after))
+        except Exception as exc:  # noqa: BLE001
+            print(f"[pf-metaflow] could not settle this task's escrow ({type(exc).__name__}: {exc}); "
                   "`pf-metaflow reconcile` will")
-        self._ledger = ledger_mod.merge(self._ledger, [self._entry])
-        self._publish(flow)
-        print(_settlement_line(self._entry))
         return False  # the step failed; @catch (if any) decides what happens next
+
+    def task_finished(self, step_name, flow, graph, is_task_ok, retry_count, max_user_code_retries):
+        lease = getattr(self, "_lease", None)
+        if lease is None:
+            return
+        try:
+            if self._escrow.held_for_retry:
+                lease.retrying(self._retry_wait)
+            else:
+                lease.end()
+        except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
+            print(f"[pf-metaflow] could not end this task's lease: {exc}")
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -347,82 +260,49 @@ class PfEscrowStepDecorator(StepDecorator):
             self._client = default_client()
         return self._client
 
-    def _resolve_terms(self, flow, earlier):
-        step = self._step_name
-        try:
-            recipient = check_agent_id(self._payee.resolve(flow, "agent_wallet"))
-            if self._amount is not None:
-                raw = self._amount.resolve(flow, "amount_usdc")
-                amount = parse_usdc(raw, name=self._amount.attribute or "amount_usdc")
-                self._check_within_budget(flow, amount)
-            else:
-                amount = self._budgeted_amount(flow, earlier)
-        except PurpleFleaError as exc:
-            raise PfEscrowRuntimeError(f"step *{step}*: {exc.message}. No escrow was created.") from None
-        return recipient, amount
-
-    def _check_within_budget(self, flow, amount: Decimal) -> None:
-        """A run never locks more than its budget: an explicit amount_usdc on a step the
-        run's budget plans for may not exceed that step's budget (or shard allowance)."""
-        budget = getattr(flow, BUDGET_ARTIFACT, None)
-        key = self._budget_key
-        if not isinstance(budget, dict) or key not in budget.get("steps", {}):
-            return  # the budget does not plan this step: amount_usdc is the plan
+    def _new_entry(self, flow, ref: str, generation: int):
+        recipient, amount = self._resolve_terms(flow)
+        flow_name, run_id, step, task_id = self._where
         stack = flow.foreach_stack() or []
-        split = stack and key in budget.get("shards", {})
-        limit = budget_for(budget, key, stack[-1][0] if split else None)
-        if amount > limit:
-            what = f"shard {stack[-1][0]}'s allowance" if split else "budget"
-            raise BudgetError(
-                f"amount_usdc {usdc_str(amount)} USDC is above step {key!r}'s {what} of "
-                f"{usdc_str(limit)} USDC in pf_budget: lower amount_usdc, or leave it out to "
-                "lock the budgeted amount"
-            )
+        shard = ledger_mod.escrow_key(step, [s[0] for s in stack]) if stack else None
+        label = self.attributes["label"] or step
+        description = f"pf-metaflow {ref} {label}"[:200]
+        return ledger_mod.new_entry(
+            ref=ref, run=f"{flow_name}/{run_id}", step=step, task=task_id, attempt=self._attempt,
+            recipient=recipient, amount_usdc=amount, description=description, label=label,
+            shard=shard, idempotency_key="pfmf-" + hashlib.sha256(ref.encode()).hexdigest()[:40],
+            timeout_hours=self._timeout_hours, referral_code=self._referral_code(flow) or None,
+        )
 
-    def _budgeted_amount(self, flow, earlier) -> Decimal:
+    def _resolve_terms(self, flow) -> tuple[str, Decimal]:
+        recipient = check_agent_id(self._payee.resolve(flow, "agent_wallet"))
+        if recipient.startswith(SANDBOX_AGENT_PREFIX) and not self._get_client().is_sandbox:
+            raise terms.TermsError(
+                f"agent_wallet {recipient} is a sandbox agent, but the escrow service at "
+                f"{self._get_client().url} is not a sandbox: pass the real agent's id "
+                "(--agent_wallet ag_…). No escrow was created"
+            )
         budget = getattr(flow, BUDGET_ARTIFACT, None)
+        if self._amount is not None:
+            raw = self._amount.resolve(flow, "amount_usdc")
+            amount = parse_usdc(raw, name=self._amount.attribute or "amount_usdc")
+            if budget is not None:
+                _check_within_budget(flow, budget, self._budget_key, amount)
+            return recipient, amount
         if budget is None:
             raise BudgetError(
                 "no amount_usdc given and the flow has no pf_budget artifact: set amount_usdc, or "
                 "make a budget with pf_metaflow.plan_budget(...) in an earlier step"
             )
-        stack = flow.foreach_stack() or []
-        shard_index = stack[-1][0] if stack else None
-        allowance = budget_for(budget, self._budget_key, shard_index)
-        # A run never locks more than its budget: what earlier attempts still hold
-        # (a refund the live service has not paid back yet) counts against it.
-        held = sum((Decimal(e["amount_usdc"]) for e in earlier if e["status"] in ledger_mod.OPEN_STATUSES),
-                   Decimal(0))
-        if held:
-            raise BudgetError(
-                f"an earlier attempt's {usdc_str(held)} USDC is still held in escrow "
-                f"({', '.join(sorted({e['status'] for e in earlier}))}); locking the step's "
-                f"{usdc_str(allowance)} USDC again would exceed its budget"
-            )
-        return allowance
-
-    def _new_entry(self, flow, recipient: str, amount: Decimal):
-        flow_name, run_id, step, task_id = self._where
-        stack = flow.foreach_stack() or []
-        shard = ledger_mod.escrow_key(step, [s[0] for s in stack]) if stack else None
-        ref = f"{flow_name}/{run_id}/{step}/{task_id}/{self._attempt}"
-        label = self.attributes["label"] or step
-        description = f"pf-metaflow {ref} {label}"[:200]
-        referral = self._referral_code(flow)
-        return ledger_mod.new_entry(
-            ref=ref, run=f"{flow_name}/{run_id}", step=step, task=task_id, attempt=self._attempt,
-            recipient=recipient, amount_usdc=amount, description=description, label=label,
-            shard=shard, idempotency_key="pfmf-" + hashlib.sha256(ref.encode()).hexdigest()[:40],
-            timeout_hours=self._timeout_hours, referral_code=referral or None,
-        )
+        return recipient, _allowance(flow, budget, self._budget_key)
 
     def _referral_code(self, flow) -> Optional[str]:
         """A literal code, or the name of a flow Parameter holding one (the guide's
         ``--referral_code``); else ``$PF_REFERRAL_CODE``."""
         raw = self.attributes["referral_code"]
-        if isinstance(raw, str) and _IDENTIFIER.match(raw) and hasattr(flow, raw):
+        if isinstance(raw, str) and terms._IDENTIFIER.match(raw) and hasattr(flow, raw):
             raw = getattr(flow, raw)
-        return (str(raw).strip() if raw else "") or _env("PF_REFERRAL_CODE")
+        return (str(raw).strip() if raw else "") or os.environ.get("PF_REFERRAL_CODE") or None
 
     def _check_gate(self, flow) -> tuple[bool, str]:
         if self._gate is None:
@@ -432,28 +312,33 @@ class PfEscrowStepDecorator(StepDecorator):
                 return bool(self._gate(flow)), "release gate returned False"
             except Exception as exc:  # a broken gate must not release money
                 return False, f"release gate raised {type(exc).__name__}: {exc}"
-        return self._gate.check(flow)
+        try:
+            return self._gate.check(flow)
+        except terms.TermsError as exc:
+            return False, f"release gate {self._gate.text!r}: {exc.message}"
 
-    def _settle_earlier_attempts(self, flow) -> list:
-        """Settle what earlier attempts of this task left open; add them to the ledger (once)."""
-        if self._attempt == 0 or self._earlier_settled:
-            return []
-        self._earlier_settled = True
-        records = [e for e in _task_records(self._metadata, *self._where) if e["attempt"] < self._attempt]
-        settled = []
-        for entry in ledger_mod.merge(records):
-            if entry["status"] in ledger_mod.OPEN_STATUSES:
-                reason = f"attempt {entry['attempt']} ended before settling (killed or crashed)"
-                entry = _settle().resolve(self._get_client(), entry, reason, self._record)
-            settled.append(entry)
-        self._ledger = ledger_mod.merge(self._ledger, settled)
-        self._publish(flow)
-        return settled
+    def _records(self) -> list:
+        return _task_records(self._metadata, *self._where)
 
     def _record(self, entry) -> None:
         """Write one state of an escrow to the task's metadata (durable before we go on)."""
-        flow_name, run_id, step, task_id = self._where
-        self._metadata.register_metadata(run_id, step, task_id, [escrow_metadatum(entry)])
+        _, run_id, step, task_id = self._where
+        self._metadata.register_metadata(run_id, step, task_id, [escrow_metadatum(entry, self._attempt)])
+
+    def _write_lease(self, field: str, value: dict) -> None:
+        from .lease import LEASE_TYPE
+
+        _, run_id, step, task_id = self._where
+        self._metadata.register_metadata(run_id, step, task_id, [MetaDatum(
+            field=field, value=json.dumps(value, sort_keys=True), type=LEASE_TYPE,
+            tags=[f"attempt_id:{self._attempt}"])])
+
+    def _note(self, flow) -> None:
+        """Put the escrow's latest state on the ledger artifacts."""
+        entry = self._escrow.entry
+        if entry is not None:
+            self._ledger = ledger_mod.merge(self._ledger, [entry])
+        self._publish(flow)
 
     def _publish(self, flow) -> None:
         setattr(flow, LEDGER_ARTIFACT, self._ledger)
@@ -485,6 +370,55 @@ class PfLedgerJoinDecorator(StepDecorator):
         setattr(flow, ESCROWS_ARTIFACT, ledger_mod.escrow_map(merged))
 
 
+# ---------------------------------------------------------------------------------------
+# Graph-time checks across steps
+
+
+def _billing(attributes, step_name: str, graph) -> tuple[bool, str]:
+    """(is this step billed, which budget pays it)."""
+    steps = terms.steps_filter(attributes["steps"])
+    names = {node.name for node in graph}
+    if steps is not None:
+        unknown = sorted(steps - names)
+        if unknown:
+            raise terms.TermsError(f"steps names {', '.join(unknown)}, not steps of this flow")
+    budget_key = attributes["budget_key"]
+    if budget_key is not None and budget_key not in names:
+        raise terms.TermsError(
+            f"budget_key {budget_key!r} is not a step of this flow (steps: {', '.join(sorted(names))})"
+        )
+    return steps is None or step_name in steps, budget_key or step_name
+
+
+def _check_budget_keys(flow, graph) -> None:
+    """Each budget pays one step: two billed steps drawing on the same budget would lock it twice."""
+    payers: dict[str, str] = {}
+    for node in graph:
+        for deco in getattr(flow, node.name).decorators:
+            if deco.name != "pf_escrow_step":
+                continue
+            billed, key = _billing(deco.attributes, node.name, graph)
+            if not billed:
+                continue
+            if key in payers and payers[key] != node.name:
+                raise terms.TermsError(
+                    f"steps {payers[key]!r} and {node.name!r} both draw on the budget of {key!r}; each "
+                    "budget pays one step (a run never locks more than its budget): give each its own "
+                    "weight in step_weights"
+                )
+            payers[key] = node.name
+
+
+def _retry_wait_seconds(decorators) -> float:
+    for deco in decorators:
+        if deco.name == "retry":
+            try:
+                return float(deco.attributes.get("minutes_between_retries") or 0) * 60
+            except (TypeError, ValueError):
+                return 120.0
+    return 0.0
+
+
 def _attach_join_mergers(flow, graph) -> None:
     for node in graph:
         if node.type != "join":
@@ -496,6 +430,51 @@ def _attach_join_mergers(flow, graph) -> None:
             )
 
 
+# ---------------------------------------------------------------------------------------
+# Budgets at task time
+
+
+def _shard_index(flow, key: str) -> Optional[int]:
+    stack = flow.foreach_stack() or []
+    if not stack:
+        return None
+    if len(stack) > 1:
+        raise BudgetError(
+            f"step {key!r} pays from a budget inside a nested foreach; budgets are split over one "
+            "foreach level (allot_shards before it fans out). Give the step a literal amount_usdc "
+            "in a run without pf_budget, or pay in the outer foreach"
+        )
+    return stack[-1][0]
+
+
+def _allowance(flow, budget, key: str) -> Decimal:
+    return budget_for(budget, key, _shard_index(flow, key))
+
+
+def _check_within_budget(flow, budget, key: str, amount: Decimal) -> None:
+    """A run never locks more than its budget: in a run with a pf_budget, an explicit
+    amount_usdc must fit the step's budget (or, in a foreach, the shard's allowance)."""
+    if not isinstance(budget, dict) or key not in budget.get("steps", {}):
+        planned = ", ".join(sorted(budget.get("steps", {}))) if isinstance(budget, dict) else ""
+        raise BudgetError(
+            f"step {key!r} has no share of the run's budget (pf_budget plans: {planned or 'nothing'}), "
+            f"so its amount_usdc {usdc_str(amount)} USDC would be paid on top of the total: give it "
+            "a weight in step_weights, or pay it from a planned step's budget with budget_key"
+        )
+    index = _shard_index(flow, key)
+    limit = budget_for(budget, key, index)
+    if amount > limit:
+        what = f"shard {index}'s allowance" if index is not None else "budget"
+        raise BudgetError(
+            f"amount_usdc {usdc_str(amount)} USDC is above step {key!r}'s {what} of "
+            f"{usdc_str(limit)} USDC in pf_budget: lower amount_usdc, or leave it out to "
+            "lock the budgeted amount"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+
+
 def _incoming_ledger(flow, graph, step_name, inputs) -> list:
     if graph[step_name].type == "join":
         ledgers = [inp[LEDGER_ARTIFACT] for inp in inputs if LEDGER_ARTIFACT in inp]
@@ -503,19 +482,14 @@ def _incoming_ledger(flow, graph, step_name, inputs) -> list:
     return ledger_mod.merge(getattr(flow, LEDGER_ARTIFACT, None) or [])
 
 
-def _settle():
-    from . import settle
-
-    return settle
-
-
-def escrow_metadatum(entry) -> MetaDatum:
-    """One state of an escrow as a task metadata record (unique field per attempt and state)."""
+def escrow_metadatum(entry, writer: Any = None) -> MetaDatum:
+    """One state of an escrow as a task metadata record (a unique field per writer and state)."""
+    who = entry["attempt"] if writer is None else writer
     return MetaDatum(
-        field=f"pf_escrow_{entry['attempt']}_{entry['seq']}",
+        field=f"pf_escrow_{who}_{entry['seq']}",
         value=json.dumps(entry, sort_keys=True),
         type=METADATA_TYPE,
-        tags=[f"attempt_id:{entry['attempt']}"],
+        tags=[f"attempt_id:{who}"] if isinstance(who, int) else [],
     )
 
 
@@ -528,16 +502,7 @@ def _failure_reason(exception: BaseException) -> str:
     text = " ".join(str(exception).split())
     if len(text) > 240:
         text = text[:237] + "..."
-    return redact(f"step failed: {type(exception).__name__}: {text}", _env("PF_API_KEY"))
-
-
-def _timeout_hours(raw: Any) -> Optional[int]:
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, (int, str)) or not str(raw).isdigit() \
-            or not 1 <= int(raw) <= 720:
-        raise PfEscrowStepException(f"timeout_hours must be a whole number from 1 to 720, got {raw!r}")
-    return int(raw)
+    return redact(f"step failed: {type(exception).__name__}: {text}", os.environ.get("PF_API_KEY"))
 
 
 def _settlement_line(entry) -> str:
@@ -545,15 +510,10 @@ def _settlement_line(entry) -> str:
         "released": f"{entry['amount_usdc']} USDC paid to {entry['recipient']} ({entry['net_usdc']} after fees)",
         "refunded": f"{entry['amount_usdc']} USDC back to the payer",
         "refund_pending": f"{entry['amount_usdc']} USDC comes back to the payer at {entry.get('expected_at')}",
+        "locked": f"{entry['amount_usdc']} USDC still held for {entry['recipient']}",
     }.get(entry["status"], f"{entry['amount_usdc']} USDC for {entry['recipient']}")
     tail = f" ({entry['reason']})" if entry.get("reason") and entry["status"] != "released" else ""
     return f"[pf-metaflow] escrow {entry.get('escrow_id') or '(none)'} {entry['status']}: {what}{tail}"
-
-
-def _env(name: str) -> Optional[str]:
-    import os
-
-    return os.environ.get(name) or None
 
 
 # `from pf_metaflow import pf_escrow_step`: the same decorator Metaflow's own are,

@@ -1,10 +1,15 @@
-"""The payment ledger: one entry per escrow (per task attempt), merging, totals, tables.
+"""The payment ledger: one entry per escrow (one per billable task), merging, totals, tables.
 
 An entry is a plain dict (so a run's ``pf_ledger`` artifact reads back with the
 Metaflow client even where pf_metaflow is not installed). Amounts are decimal
 strings with 6 places. Every change of state bumps ``seq``; when the same entry
 arrives by two roads (a join's two inputs, an artifact and a metadata record,
 a later ``reconcile``), the one with the higher ``seq`` wins.
+
+A task's attempts share its entry (``ref`` is ``Flow/run/step/task``): ``attempt`` is the
+attempt that created the escrow, ``settled_by`` the attempt (or ``"reconcile"``) that
+released or refunded it. ``fee_usdc``, ``net_usdc`` and ``referral_usdc`` are the
+service's own figures (``referral_usdc`` is None when the service did not say).
 
 Statuses: ``locked`` (funds held), ``released`` (paid to the agent),
 ``refunded`` (back to the payer), ``refund_pending`` (coming back by itself at
@@ -73,6 +78,9 @@ def new_entry(
         "idempotency_key": idempotency_key,
         "timeout_hours": timeout_hours,
         "referral_code": referral_code,
+        "referral_usdc": None,
+        "creator_id": None,
+        "settled_by": None,
         "seq": 0,
     }
 
@@ -94,10 +102,20 @@ def merge(*ledgers: Iterable[Mapping[str, Any]] | None) -> list[Entry]:
     for ledger in ledgers:
         for entry in ledger or ():
             ref = entry["ref"]
-            if ref not in best or int(entry.get("seq", 0)) > int(best[ref].get("seq", 0)):
+            if ref not in best or _precedence(entry) > _precedence(best[ref]):
                 best[ref] = dict(entry)
     kept = [e for e in best.values() if e.get("status") != VOID]
     return sorted(kept, key=lambda e: (e.get("created_at") or "", e["ref"]))
+
+
+# Two writers may record the same seq (a task and a forced reconcile both settling what they
+# saw): the later state wins, then the more settled one, then the one that names who settled.
+_SETTLEDNESS = {"unknown": 0, "locked": 1, "refund_pending": 2, VOID: 3, "refunded": 4, "released": 5}
+
+
+def _precedence(entry: Mapping[str, Any]) -> tuple:
+    return (int(entry.get("seq", 0)), _SETTLEDNESS.get(entry.get("status"), 0),
+            entry.get("settled_by") is not None)
 
 
 def totals(entries: Iterable[Mapping[str, Any]]) -> dict[str, Decimal]:

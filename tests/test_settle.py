@@ -10,7 +10,7 @@ import requests
 from pf_metaflow import ledger as ledger_mod
 from pf_metaflow import settle
 from pf_metaflow.client import EscrowClient
-from pf_metaflow.errors import AmbiguousOutcome, InsufficientFunds, ProtocolError, ServerError
+from pf_metaflow.errors import AmbiguousOutcome, InsufficientFunds, ProtocolError
 
 LIVE = "https://escrow.purpleflea.com"
 KEY = "pf_live_placeholder0000"
@@ -154,7 +154,7 @@ def test_unknown_create_the_server_now_refuses_is_void_not_an_error(sandbox):
 
 
 def test_refund_that_cannot_reach_the_server_keeps_the_entry_open_for_reconcile(live, live_client, monkeypatch):
-    monkeypatch.setattr("pf_metaflow.client._sleep", lambda seconds: None)  # retries, without the waiting
+    monkeypatch.setattr("pf_metaflow.retries._sleep", lambda seconds: None)  # retries, without the waiting
     live.get(f"{LIVE}/escrow/esc_1", exc=requests.exceptions.ConnectionError("refused"))
     out = settle.refund(live_client, entry(escrow_id="esc_1", status="locked"), "step failed")
     assert out["status"] == "locked" and "pf-metaflow reconcile" in out["reason"]
@@ -168,18 +168,20 @@ def test_release_whose_answer_is_garbled_but_took_effect_is_recorded_released(li
 
 
 def test_release_that_did_not_happen_stays_locked_and_raises(live, live_client, monkeypatch):
-    monkeypatch.setattr("pf_metaflow.client._sleep", lambda seconds: None)
+    monkeypatch.setattr("pf_metaflow.retries._sleep", lambda seconds: None)
     live.post(f"{LIVE}/escrow/release/esc_1", status_code=500, json={"error": "release_failed"})
     live.get(f"{LIVE}/escrow/esc_1", json=escrow_json("funded"))
     records = []
-    with pytest.raises(ServerError):
+    with pytest.raises(settle.ReleaseFailed) as failed:
         settle.release(live_client, entry(escrow_id="esc_1", status="locked"), records.append)
-    assert records[-1]["status"] == "locked" and "reconcile will settle it" in records[-1]["reason"]
+    assert records[-1]["status"] == "locked" and "release failed" in records[-1]["reason"]
+    assert "the escrow is funded on the service" in records[-1]["reason"]
+    assert failed.value.entry == records[-1]
 
 
 def test_create_answered_by_a_proxy_error_page_is_unknown_not_refused(live, live_client):
     live.post(f"{LIVE}/escrow/create", status_code=520, text="<html>origin error</html>")
     records = []
-    with pytest.raises(ProtocolError):
+    with pytest.raises(AmbiguousOutcome):
         settle.open_escrow(live_client, entry(), records.append)
     assert records[-1]["status"] == "unknown" and "pf-metaflow F/1/train/2/0 train" in records[-1]["reason"]
