@@ -154,7 +154,7 @@ def test_killed_task_is_settled_by_reconcile_and_a_second_reconcile_changes_noth
 def test_reconcile_dry_run_moves_no_money(ws):
     run = ws.run_flow(TESTFLOWS / "kill_flow.py")
     dry = ws.cli("reconcile", run.pathspec, "--dry-run")
-    assert dry.returncode == 0 and "would settle" in dry.stdout
+    assert dry.returncode == 1 and "would settle" in dry.stdout  # 1: something to settle
     assert ws.balances()["agents"][PAYER]["locked"] == Decimal("2.5")
     assert ws.ledger(run.pathspec)["entries"][0]["status"] == "locked"
 
