@@ -1,4 +1,4 @@
-"""A paid step that takes a while: something to kill, for `reconcile_after_kill.sh`.
+"""A paid step that takes a while: something to kill, for `reconcile_after_kill.py`.
 
     python examples/long_job.py run --seconds 60
 """

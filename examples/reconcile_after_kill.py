@@ -31,18 +31,22 @@ from pathlib import Path
 LONG_JOB = Path(__file__).with_name("long_job.py")
 
 
-def pf_metaflow(*args: str, show: bool = True) -> str:
+def pf_metaflow(*args: str, show: bool = True) -> subprocess.CompletedProcess:
     if show:
         print(f"$ pf-metaflow {' '.join(args)}", flush=True)
     out = subprocess.run([sys.executable, "-m", "pf_metaflow", *args], capture_output=True, text=True)
     if show:
         print(out.stdout + out.stderr, flush=True)
-    return out.stdout
+    return out
 
 
 def locked() -> Decimal:
-    """USDC the sandbox payer has locked in escrow right now."""
-    balances = json.loads(pf_metaflow("sandbox", "balance", "--json", show=False))
+    """USDC the sandbox payer has locked in escrow right now (none before the first run
+    has created the sandbox database: `sandbox balance` refuses a database that does not exist)."""
+    out = pf_metaflow("sandbox", "balance", "--json", show=False)
+    if out.returncode != 0 and "no sandbox database" in out.stderr:
+        return Decimal(0)
+    balances = json.loads(out.stdout)
     return Decimal(balances["agents"].get("ag_sandbox_payer", {}).get("locked", "0"))
 
 

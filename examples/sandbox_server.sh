@@ -12,9 +12,18 @@ set -eu
 here=$(dirname "$0")
 port=${PORT:-8765}
 
+# Refuse a port something else holds: the flows would talk to whatever server that is.
+if python -c "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" "$port" 2>/dev/null; then
+    echo "sandbox_server.sh: port $port is taken by another process; choose a free one: PORT=8766 sh $0" >&2
+    exit 2
+fi
+
 pf-metaflow sandbox serve --port "$port" &
 server=$!
-trap 'kill "$server"' EXIT
+# Stop the server on the way out, and keep this script's own exit status.
+trap 'status=$?; kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; exit $status' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 python - "$port" <<'PY'
 import sys, time, urllib.request
@@ -27,6 +36,7 @@ for _ in range(100):
 else:
     sys.exit("the sandbox server did not start")
 PY
+kill -0 "$server" 2>/dev/null || { echo "sandbox_server.sh: the sandbox server exited" >&2; exit 1; }
 
 # Plain http is allowed to loopback only; the key is the built-in payer's
 # sandbox key (not a secret: it moves local test money). Register your own

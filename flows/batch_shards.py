@@ -2,10 +2,10 @@
 
 The payment story
 -----------------
-1. ``start`` plans the budget: all of ``total_budget_usdc`` goes to the ``score``
-   step, split into one exact allowance per shard *before* the fan-out
-   (``allot_shards``; the allowances add up to the step's budget to the last
-   micro-USDC, so the run can never lock more than it was given).
+1. ``start`` runs ``preflight`` (the escrow service, the payee) and plans the
+   budget: all of ``total_budget_usdc`` goes to the ``score`` step, split into
+   one exact allowance per shard *before* the fan-out (``allot_shards``; the
+   allowances add up to the step's budget to the last micro-USDC, so the run can never lock more than it was given).
 2. ``score`` runs once per shard (``foreach``). Each shard's task locks its own
    allowance in escrow for ``agent_wallet`` (``@pf_escrow_step`` with no amount
    takes it from the budget), scores its rows, and is paid the moment it
@@ -15,7 +15,8 @@ The payment story
    inputs' ledgers into ``self.pf_ledger`` before a join runs), combines the
    results of the shards that succeeded and reports which shards were paid and
    which refunded.
-4. ``end`` prints what was paid, refunded and charged in fees.
+4. ``end`` prints what was paid, refunded and left pending, ends with a ``RESULT:``
+   line, and shows the ledger as a card (``python flows/batch_shards.py card view end``).
 
 Run it
 ------
@@ -25,10 +26,12 @@ Run it
 
 from decimal import Decimal
 
-from metaflow import FlowSpec, Parameter, catch, step
+from metaflow import FlowSpec, Parameter, card, catch, current, step
 
-from pf_metaflow import allot_shards, format_table, pf_escrow_step, plan_budget, sandbox_or_required_agent
-from pf_metaflow.ids import check_agent_id
+from pf_metaflow import format_table, pf_escrow_step, sandbox_or_required_agent
+from pf_metaflow.card import append_ledger_card, end_summary, ordered
+from pf_metaflow.params import USDC
+from pf_metaflow.preflight import PreflightError, preflight
 from workloads import InjectedFailure, make_transactions, parse_shard_list, score_shard
 
 
@@ -47,7 +50,7 @@ class BatchShardsFlow(FlowSpec):
         help="Purple Flea agent id (ag_…) paid per shard. Default on the sandbox: "
              "ag_sandbox_worker; required on the live service.",
     )
-    total_budget_usdc = Parameter("total_budget_usdc", default="5.00",
+    total_budget_usdc = Parameter("total_budget_usdc", type=USDC, default="5.00",
                                   help="USDC for the whole batch, split evenly over the shards.")
     num_shards = Parameter("num_shards", default=8, type=int, help="How many shards to fan out over.")
     rows_per_shard = Parameter("rows_per_shard", default=250, type=int, help="Rows scored per shard.")
@@ -57,13 +60,15 @@ class BatchShardsFlow(FlowSpec):
 
     @step
     def start(self):
-        """Plan the budget and split the score step's share over the shards, before fanning out."""
-        check_agent_id(self.agent_wallet)
+        """Preflight, plan the budget and split the score step's share over the shards, before fanning out."""
         if self.num_shards < 1 or self.rows_per_shard < 1:
-            raise ValueError("--num_shards and --rows_per_shard must be at least 1")
-        self.failing = parse_shard_list(self.fail_shards, self.num_shards)
-        self.pf_budget = plan_budget(self.total_budget_usdc, {"score": 1}, flow=self)
-        self.pf_budget = allot_shards(self.pf_budget, "score", self.num_shards)
+            raise PreflightError("--num_shards and --rows_per_shard must be at least 1")
+        try:
+            self.failing = parse_shard_list(self.fail_shards, self.num_shards)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
+        self.pf_budget = preflight(self, total_budget_usdc=self.total_budget_usdc,
+                                   step_weights={"score": 1}, shards={"score": self.num_shards})
         allowances = [Decimal(a) for a in self.pf_budget["shards"]["score"]]
         print(f"Budget {self.pf_budget['total_usdc']} USDC over {self.num_shards} shards: "
               f"{min(allowances)}-{max(allowances)} USDC each, to {self.agent_wallet}")
@@ -98,9 +103,16 @@ class BatchShardsFlow(FlowSpec):
               f"{', '.join(map(str, self.refunded_shards)) or 'none'}")
         self.next(self.end)
 
+    @card
     @step
     def end(self):
-        print(format_table(self.pf_ledger, title="Batch payments, one escrow per shard"))
+        """What was paid, refunded and left pending, shard by shard; the last line says how the batch ended."""
+        print(format_table(ordered(self.pf_ledger), title="Batch payments, one escrow per shard"))
+        outcome = (f"Batch: {len(self.paid_shards)} of {self.num_shards} shards scored and paid"
+                   + (f"; refunded: {', '.join(map(str, self.refunded_shards))}" if self.refunded_shards else ""))
+        self.summary = end_summary(self.pf_ledger, outcome=outcome)
+        print(self.summary)
+        append_ledger_card(current.card, self.pf_ledger, summary=self.summary)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The payment story
 -----------------
-1. ``start`` checks the terms (who is paid, how much, the schema, the null-rate
-   limit) before any money moves.
+1. ``start`` checks the terms (the schema, the null-rate limit) and runs
+   ``preflight`` (the escrow service, who is paid, how much) before any money
+   moves: a setup mistake stops the run there with one line.
 2. ``ingest`` takes the agent's delivery: a CSV file (``--data_path``, or
    uploaded with the run as ``--data_file``). Before its body runs,
    ``@pf_escrow_step`` locks ``step_budget`` USDC for ``agent_wallet``.
@@ -36,10 +37,12 @@ stored with the run) or ship CSVs with the code: ``--package-suffixes .py,.csv``
 
 import os
 
-from metaflow import FlowSpec, IncludeFile, JSONType, Parameter, catch, step
+from metaflow import FlowSpec, IncludeFile, JSONType, Parameter, card, catch, current, step
 
-from pf_metaflow import format_table, parse_usdc, pf_escrow_step, sandbox_or_required_agent
-from pf_metaflow.ids import check_agent_id
+from pf_metaflow import format_table, pf_escrow_step, sandbox_or_required_agent
+from pf_metaflow.card import append_ledger_card, end_summary
+from pf_metaflow.params import USDC
+from pf_metaflow.preflight import PreflightError, preflight
 from workloads import DeliveryRejected, read_delivery
 
 SCHEMA = '{"order_id": "int", "customer": "str", "amount": "float", "country": "str"}'
@@ -63,7 +66,7 @@ class DataIngestBountyFlow(FlowSpec):
         help="Purple Flea agent id (ag_…) of the data agent. Default on the sandbox: "
              "ag_sandbox_worker; required on the live service.",
     )
-    step_budget = Parameter("step_budget", default="1.50", help="USDC paid for a clean delivery.")
+    step_budget = Parameter("step_budget", type=USDC, default="1.50", help="USDC paid for a clean delivery.")
     data_path = Parameter(
         "data_path", default="data/deliveries.csv",
         help="CSV delivered by the agent (relative: current directory, then next to this flow).",
@@ -79,13 +82,12 @@ class DataIngestBountyFlow(FlowSpec):
 
     @step
     def start(self):
-        """Check the terms before any escrow exists."""
-        check_agent_id(self.agent_wallet)
-        parse_usdc(self.step_budget, name="step_budget")
+        """Check the setup and the terms before any escrow exists."""
         if not isinstance(self.schema, dict) or not self.schema:
-            raise ValueError(f"--schema must be a JSON object of column -> type, got {self.schema!r}")
+            raise PreflightError(f"--schema must be a JSON object of column -> type, got {self.schema!r}")
         if not 0.0 <= self.max_null_rate <= 1.0:
-            raise ValueError(f"--max_null_rate must be between 0 and 1, got {self.max_null_rate}")
+            raise PreflightError(f"--max_null_rate must be between 0 and 1, got {self.max_null_rate:g}")
+        preflight(self)
         self.source = "--data_file" if self.data_file else self.data_path
         print(f"Bounty: {self.step_budget} USDC to {self.agent_wallet} for a clean delivery of "
               f"{self.source} (columns {', '.join(self.schema)}, null rate <= {self.max_null_rate:.1%})")
@@ -112,17 +114,22 @@ class DataIngestBountyFlow(FlowSpec):
               f"(null rate {self.null_rate:.2%}, limit {self.max_null_rate:.2%})")
         self.next(self.end)
 
+    @card
     @step
     def end(self):
+        """What was paid, refunded and left pending; the last line says whether the delivery was accepted."""
+        print(format_table(self.pf_ledger, title="Data bounty payments"))
         entry = next((e for e in self.pf_ledger if e["step"] == "ingest"), None)
         if entry is None:
-            print(f"No escrow was locked, nothing was paid: {self.ingest_error}")
+            outcome = "Delivery not taken: no escrow was locked, nothing was paid"
         elif entry["status"] == "released":
-            print(f"Delivery accepted: {len(self.rows)} rows ingested; "
-                  f"{entry['net_usdc']} USDC to {entry['recipient']}")
+            outcome = (f"Delivery accepted: {len(self.rows)} rows ingested; "
+                       f"{entry['net_usdc']} USDC to {entry['recipient']}")
         else:
-            print(f"Delivery rejected, escrow {entry['status']}: {entry['reason']}")
-        print(format_table(self.pf_ledger, title="Data bounty payments"))
+            outcome = f"Delivery rejected, escrow {entry['status']}"
+        self.summary = end_summary(self.pf_ledger, {"ingest": self.ingest_error}, outcome=outcome)
+        print(self.summary)
+        append_ledger_card(current.card, self.pf_ledger, summary=self.summary)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 The payment story
 -----------------
-1. ``start`` turns ``total_budget_usdc`` and ``step_weights`` into a budget per
-   step (``plan_budget``: exact to the micro-USDC, checked against the flow's
-   real steps and the 0.10 USDC escrow minimum) before any money moves. A bad
-   budget fails the run here, with nothing locked.
+1. ``start`` runs ``preflight`` (docs/design.md, "Preflight"): the escrow service,
+   the payee, and the budget per step from ``total_budget_usdc`` and
+   ``step_weights`` (exact to the micro-USDC, every paid stage with a share of at
+   least the 0.10 USDC escrow minimum). A setup mistake stops the run here with
+   one line, before any money moves.
 2. ``ingest``, ``train``, ``evaluate`` and ``deploy`` are billable: before each
    one's body runs, ``@pf_escrow_step`` locks that step's budget in escrow for
    ``agent_wallet``; when the step succeeds the agent is paid (less the 1% fee),
@@ -15,8 +16,9 @@ The payment story
    ``ingest`` or ``train``, and ``accuracy_gate`` sends the run to ``deploy``
    only when ``evaluate`` succeeded and the held-out accuracy is at least
    ``min_accuracy``. A skipped ``deploy`` locks nothing and pays nothing.
-4. ``end`` prints the payment summary (paid, refunded, fees) and renders the
-   ledger as a Metaflow card (``python flows/ml_pipeline_with_payments.py card view end``).
+4. ``end`` prints the payment summary (which stage failed and why; paid, refunded,
+   left pending; a last ``RESULT:`` line) and renders the ledger as a Metaflow card
+   (``python flows/ml_pipeline_with_payments.py card view end``).
 
 The routing steps use Metaflow's conditional transitions
 (``self.next({...}, condition=...)``, Metaflow 2.18 or later; supported by the
@@ -39,8 +41,10 @@ ag_…`` is required; on the sandbox it defaults to the built-in worker.
 
 from metaflow import FlowSpec, JSONType, Parameter, card, catch, current, step
 
-from pf_metaflow import format_table, ledger_card, pf_escrow_step, plan_budget, sandbox_or_required_agent
-from pf_metaflow.ids import check_agent_id
+from pf_metaflow import format_table, pf_escrow_step, sandbox_or_required_agent
+from pf_metaflow.card import append_ledger_card, end_summary
+from pf_metaflow.params import USDC
+from pf_metaflow.preflight import PreflightError, preflight
 from workloads import (
     Model,
     accuracy,
@@ -67,7 +71,7 @@ class MLPipelineWithPayments(FlowSpec):
         help="Purple Flea agent id (ag_…) paid for each stage. Default on the sandbox: "
              "ag_sandbox_worker; required on the live service.",
     )
-    total_budget_usdc = Parameter("total_budget_usdc", default="12.00",
+    total_budget_usdc = Parameter("total_budget_usdc", type=USDC, default="12.00",
                                   help="USDC for the whole run, split over the stages by step_weights.")
     step_weights = Parameter("step_weights", type=JSONType, default=WEIGHTS,
                              help="JSON object: step name -> fraction of the budget (summing to at most 1).")
@@ -79,10 +83,13 @@ class MLPipelineWithPayments(FlowSpec):
 
     @step
     def start(self):
-        """Plan the budget: every stage's share, exact, before anything is locked."""
-        check_agent_id(self.agent_wallet)
-        self.failing = parse_fail_at(self.fail_at, BILLED_STEPS)
-        self.pf_budget = plan_budget(self.total_budget_usdc, self.step_weights, flow=self)
+        """Preflight and plan the budget: every stage's share, exact, before anything is locked."""
+        try:
+            self.failing = parse_fail_at(self.fail_at, BILLED_STEPS)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
+        self.pf_budget = preflight(self, total_budget_usdc=self.total_budget_usdc,
+                                   step_weights=self.step_weights)
         print(f"Budget {self.pf_budget['total_usdc']} USDC for {self.agent_wallet}:")
         for name, amount in self.pf_budget["steps"].items():
             print(f"  {name:<9} {amount} USDC")
@@ -147,7 +154,7 @@ class MLPipelineWithPayments(FlowSpec):
         if self.evaluate_error is not None:
             self.halted = "evaluate failed; deploy was not run"
         elif self.accuracy < self.min_accuracy:
-            self.halted = (f"accuracy {self.accuracy:.4f} is below min_accuracy {self.min_accuracy}; "
+            self.halted = (f"accuracy {self.accuracy:.4f} is below min_accuracy {self.min_accuracy:g}; "
                            "deploy was skipped and not paid")
         self.route = "stop" if self.halted else "deploy"
         self.next({"deploy": self.deploy, "stop": self.end}, condition="route")
@@ -169,16 +176,18 @@ class MLPipelineWithPayments(FlowSpec):
     @card
     @step
     def end(self):
-        """Payment summary, in the log and as a card."""
-        if self.halted:
-            print(f"Pipeline stopped early: {self.halted}")
-        elif getattr(self, "deploy_error", None) is not None:
-            print("Pipeline finished; deploy failed and its escrow was refunded")
+        """Payment summary, in the log and as a card; the last lines say how the run ended."""
+        errors = {s: getattr(self, f"{s}_error", None) for s in BILLED_STEPS}
+        if getattr(self, "deployment", None):
+            outcome = f"Pipeline finished: model deployed ({self.deployment['version']})"
+        elif self.halted:
+            outcome = f"Pipeline stopped early: {self.halted}"
         else:
-            print(f"Pipeline finished: model deployed ({self.deployment['version']})")
+            outcome = "Pipeline ran every stage, but deploy failed: no model was deployed"
         print(format_table(self.pf_ledger, title="Payment summary"))
-        for component in ledger_card(self.pf_ledger):
-            current.card.append(component)
+        self.summary = end_summary(self.pf_ledger, errors, outcome=outcome)
+        print(self.summary)
+        append_ledger_card(current.card, self.pf_ledger, summary=self.summary)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The payment story
 -----------------
-1. ``start`` checks the terms (who is paid, how much, the accuracy bar) before
-   any money moves.
+1. ``start`` checks the terms (the accuracy bar) and runs ``preflight`` (the
+   escrow service, who is paid, how much) before any money moves: a setup
+   mistake stops the run there with one line.
 2. ``train`` is the agent's job. Before its body runs, ``@pf_escrow_step`` locks
    ``step_budget`` USDC in escrow for ``agent_wallet``. The step fits a
    logistic regression on a seeded synthetic dataset and measures its accuracy
@@ -35,10 +36,12 @@ On the live service (``PF_ESCROW_URL`` and ``PF_API_KEY`` set) ``--agent_wallet
 ag_…`` is required; on the sandbox it defaults to the built-in worker.
 """
 
-from metaflow import FlowSpec, Parameter, catch, step
+from metaflow import FlowSpec, Parameter, card, catch, current, step
 
-from pf_metaflow import format_table, parse_usdc, pf_escrow_step, sandbox_or_required_agent
-from pf_metaflow.ids import check_agent_id
+from pf_metaflow import format_table, pf_escrow_step, sandbox_or_required_agent
+from pf_metaflow.card import append_ledger_card, end_summary
+from pf_metaflow.params import USDC
+from pf_metaflow.preflight import PreflightError, preflight
 from workloads import accuracy, fail_if_asked, fit_logistic, make_blobs, parse_fail_at, split
 
 
@@ -52,7 +55,7 @@ class TrainingBountyFlow(FlowSpec):
         help="Purple Flea agent id (ag_…) paid for training. Default on the sandbox: "
              "ag_sandbox_worker; required on the live service.",
     )
-    step_budget = Parameter("step_budget", default="3.00", help="USDC locked for the training bounty.")
+    step_budget = Parameter("step_budget", type=USDC, default="3.00", help="USDC locked for the training bounty.")
     min_accuracy = Parameter(
         "min_accuracy", default=0.85, type=float,
         help="Held-out accuracy the model must reach for the agent to be paid.",
@@ -62,12 +65,14 @@ class TrainingBountyFlow(FlowSpec):
 
     @step
     def start(self):
-        """Check the terms before any escrow exists."""
-        check_agent_id(self.agent_wallet)
-        parse_usdc(self.step_budget, name="step_budget")
-        parse_fail_at(self.fail_at, ["train"])
+        """Check the setup and the terms before any escrow exists."""
+        try:
+            parse_fail_at(self.fail_at, ["train"])
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
         if not 0.0 <= self.min_accuracy <= 1.0:
-            raise ValueError(f"--min_accuracy must be between 0 and 1, got {self.min_accuracy}")
+            raise PreflightError(f"--min_accuracy must be between 0 and 1, got {self.min_accuracy:g}")
+        preflight(self)
         print(f"Bounty: {self.step_budget} USDC to {self.agent_wallet} "
               f"if held-out accuracy >= {self.min_accuracy}")
         self.next(self.train)
@@ -99,13 +104,20 @@ class TrainingBountyFlow(FlowSpec):
             print(f"Accuracy {self.accuracy:.4f} >= {self.min_accuracy}: bounty paid, "
                   f"{entry['net_usdc']} USDC to {entry['recipient']} after a {entry['fee_usdc']} USDC fee")
         else:
-            print(f"Accuracy {self.accuracy:.4f} < {self.min_accuracy}: bounty {entry['status']} "
-                  f"({entry['reason']})")
+            print(f"Accuracy {self.accuracy:.4f} < {self.min_accuracy:g}: bounty {entry['status']}")
         self.next(self.end)
 
+    @card
     @step
     def end(self):
+        """What was paid, refunded and left pending; the last line says how the bounty ended."""
         print(format_table(self.pf_ledger, title="Training bounty payments"))
+        verdict = {"released": "bounty paid", "refunded": "bounty refunded"}.get(self.bounty_status,
+                                                                               f"bounty {self.bounty_status}")
+        self.summary = end_summary(self.pf_ledger, {"train": self.train_error},
+                                   outcome=f"Training bounty: {verdict}")
+        print(self.summary)
+        append_ledger_card(current.card, self.pf_ledger, summary=self.summary)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import json
 import os
 import signal
 from decimal import Decimal
-from functools import partial
+from functools import partial, update_wrapper
 from typing import Any, Optional
 
 from metaflow.decorators import StepDecorator, _base_step_decorator
@@ -518,5 +518,4 @@ def _settlement_line(entry) -> str:
 
 # `from pf_metaflow import pf_escrow_step`: the same decorator Metaflow's own are,
 # usable as `@pf_escrow_step` or `@pf_escrow_step(...)` above `@step`.
-pf_escrow_step = partial(_base_step_decorator, PfEscrowStepDecorator)
-pf_escrow_step.__doc__ = PfEscrowStepDecorator.__doc__
+pf_escrow_step = update_wrapper(partial(_base_step_decorator, PfEscrowStepDecorator), PfEscrowStepDecorator)

@@ -1,27 +1,97 @@
-"""Card components that show a run's payments, for steps with ``@card``::
+"""A run's payments for people: the end-of-run summary, card components and a card type.
+
+In a flow's end step::
 
     @card
     @step
     def end(self):
-        for component in ledger_card(self.pf_ledger):
-            current.card.append(component)
+        print(end_summary(self.pf_ledger, {"train": self.train_error}, outcome="..."))
+        append_ledger_card(current.card, self.pf_ledger)
+
+For a flow that never imports pf_metaflow, the same card is a card type:
+``python flow.py run --with card:type=pf_ledger`` (on the steps that have a ledger,
+usually ``end``; registered by ``metaflow_extensions/pf_metaflow/plugins/cards``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import re
+from typing import Any, Iterable, Mapping, Optional
+
+from metaflow.plugins.cards.card_modules.card import MetaflowCard
 
 from . import ledger as ledger_mod
+from .money import usdc_str
+
+CARD_TYPE = "pf_ledger"
+REASON_CHARS = 160  # the full reason is in the ledger; the card keeps it to a line or two
+# Fewer columns than the terminal table, so the card fits a 1200 px window (Metaflow's
+# card page keeps ~800 px for content): fees are in the totals, reasons listed below.
+_CARD_COLUMNS = (("step", "step"), ("attempt", "try"), ("status", "status"), ("amount_usdc", "amount"),
+                 ("net_usdc", "net"), ("escrow_id", "escrow"))
 
 
-def ledger_card(entries: Iterable[Mapping[str, Any]], *, title: str = "Purple Flea payments") -> list:
-    """A heading, the ledger as a table, and its totals."""
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "…" when it was cut."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+_LONG_FLOAT = re.compile(r"(?<![\w.])(\d+\.\d{5,})(?![\w.])")
+
+
+def readable(reason: str) -> str:
+    """A reason for people: measured floats (``accuracy=0.8123456789``) to 4 decimals.
+    Six-place USDC amounts are left alone: they are exact money, not measurements."""
+    def four(m: re.Match) -> str:
+        text = m.group(1)
+        return text if len(text.split(".")[1]) == 6 else f"{float(text):.4f}"
+    return _LONG_FLOAT.sub(four, reason)
+
+
+def _shard_order(entry: Mapping[str, Any]) -> tuple:
+    shard = entry.get("shard") or ""
+    index = shard.rsplit("[", 1)[1].rstrip("]") if "[" in shard else ""
+    return (entry.get("step") or "", int(index) if index.isdigit() else -1, str(entry.get("attempt") or ""))
+
+
+def ordered(entries: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Entries in run order, foreach shards by index (``score[2]`` before ``score[10]``)."""
+    entries = list(entries)
+    first = {}
+    for i, e in enumerate(entries):
+        first.setdefault(e.get("step"), i)
+    return sorted(entries, key=lambda e: (first[e.get("step")],) + _shard_order(e))
+
+
+def card_rows(entries: Iterable[Mapping[str, Any]]) -> list[list[str]]:
+    out = []
+    for e in ordered(entries):
+        row = []
+        for key, _ in _CARD_COLUMNS:
+            value = e.get(key)
+            if key == "step" and e.get("shard"):
+                value = e["shard"]
+            row.append("" if value is None else str(value))
+        out.append(row)
+    return out
+
+
+def ledger_card(entries: Iterable[Mapping[str, Any]], *, title: str = "Purple Flea payments",
+                summary: Optional[str] = None) -> list:
+    """Card components: a heading, the run's outcome, the ledger as a table, and its totals."""
     from metaflow.cards import Markdown, Table
 
     entries = list(entries)
     components = [Markdown(f"## {title}")]
+    if summary:
+        components.append(Markdown("\n\n".join(summary.splitlines())))
     if entries:
-        components.append(Table(data=ledger_mod.rows(entries), headers=ledger_mod.headers()))
+        components.append(Table(data=card_rows(entries), headers=[t for _, t in _CARD_COLUMNS]))
+        reasons = [f"- **{e.get('shard') or e.get('step')}** {e.get('status')}: "
+                   f"{shorten(readable(str(e.get('reason') or '')), REASON_CHARS)}"
+                   for e in ordered(entries) if e.get("status") != "released" and e.get("reason")]
+        if reasons:
+            components.append(Markdown("**Not paid, and why**\n\n" + "\n".join(reasons)))
     else:
         components.append(Markdown("_No escrows in this run._"))
     components.append(
@@ -29,3 +99,81 @@ def ledger_card(entries: Iterable[Mapping[str, Any]], *, title: str = "Purple Fl
               headers=["total", "amount"])
     )
     return components
+
+
+def append_ledger_card(card: Any, entries: Iterable[Mapping[str, Any]], **kwargs: Any) -> None:
+    """Add :func:`ledger_card`'s components to ``current.card`` (a step with ``@card``)."""
+    for component in ledger_card(entries, **kwargs):
+        card.append(component)
+
+
+def _error_text(error: Any) -> str:
+    """One line from what ``@catch`` stored: the exception's type and message."""
+    kind = str(getattr(error, "type", "") or type(error).__name__).rsplit(".", 1)[-1]
+    message = str(getattr(error, "exception", None) or error).strip().splitlines()
+    return readable(f"{kind}: {message[-1] if message else ''}".strip())
+
+
+def end_summary(entries: Iterable[Mapping[str, Any]], errors: Optional[Mapping[str, Any]] = None, *,
+                outcome: str = "") -> str:
+    """The last lines of a paying run: what failed and why, what was paid, refunded, left pending.
+
+    ``errors`` maps a stage to what ``@catch`` stored (None when it succeeded). The
+    last line starts ``RESULT: OK`` only when no paid work failed and nothing is pending.
+    """
+    entries = ordered(entries)
+    errors = dict(errors or {})
+    lines = [outcome] if outcome else []
+    failed = []
+    for stage, error in errors.items():
+        if error is not None:
+            failed.append(stage)
+            status = next((e.get("status") for e in reversed(entries) if e.get("step") == stage), None)
+            money = f"its escrow was {status}" if status else "no escrow was locked for it"
+            lines.append(f"  FAILED {stage}: {_error_text(error)} ({money})")
+    for e in entries:
+        if e.get("status") != "released" and (e.get("step") not in failed):
+            failed.append(e.get("shard") or e.get("step"))
+            lines.append(f"  NOT PAID {e.get('shard') or e.get('step')}: {e.get('status')}: "
+                         f"{shorten(readable(str(e.get('reason') or '')), 200)}")
+    t = ledger_mod.totals(entries)
+    pending = t["refund_pending"] + t["locked"] + t["unknown"]
+    lines.append(
+        f"Paid {usdc_str(t['released'])} USDC ({usdc_str(t['net_paid'])} to agents after "
+        f"{usdc_str(t['fees'])} fees), refunded {usdc_str(t['refunded'])} USDC, "
+        f"left pending {usdc_str(pending)} USDC"
+        + (" (run `pf-metaflow reconcile FLOW/RUN`)" if pending else "")
+    )
+    if failed:
+        lines.append(f"RESULT: FAILED: paid work did not succeed in {', '.join(dict.fromkeys(failed))}")
+    elif pending:
+        lines.append("RESULT: INCOMPLETE: escrows are still pending")
+    else:
+        lines.append("RESULT: OK: all paid work succeeded and was paid")
+    return "\n".join(lines)
+
+
+class PfLedgerCard(MetaflowCard):
+    """``--with card:type=pf_ledger``: the task's ``pf_ledger`` artifact as a card."""
+
+    type = CARD_TYPE
+    ALLOW_USER_COMPONENTS = True
+
+    def __init__(self, options: Optional[dict] = None, components: Optional[list] = None,
+                 graph: Any = None, **kwargs: Any) -> None:
+        self._options = options or {}
+        self._components = components or []
+        self._graph = graph
+
+    def render(self, task: Any) -> str:
+        from metaflow.plugins.cards.card_modules.basic import BlankCard
+
+        entries = task["pf_ledger"].data if "pf_ledger" in task else []
+        comps = ledger_card(entries)
+        if not entries:
+            from metaflow.cards import Markdown
+
+            comps.insert(1, Markdown(f"_Task {task.pathspec} has no `pf_ledger` artifact: "
+                                     "put this card on a step after the paid ones, e.g. `end`._"))
+        return BlankCard(options={"title": "Purple Flea payments"}, components=self._components,
+                         graph=self._graph).render(task, components=comps)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from decimal import Decimal
 from urllib.parse import urlsplit
 
+from metaflow._vendor import click
+
+from .errors import InvalidAmount
 from .ids import SANDBOX_WORKER
+from .money import parse_usdc
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -31,9 +36,55 @@ def sandbox_or_required_agent(context: Any = None, deploy_time: bool = False) ->
         agent_wallet = Parameter("agent_wallet", default=sandbox_or_required_agent,
                                  show_default=False, help="the agent paid (ag_…)")
     """
-    if is_sandbox_url(os.environ.get("PF_ESCROW_URL")):
+    url = os.environ.get("PF_ESCROW_URL")
+    if is_sandbox_url(url):
         return SANDBOX_WORKER
     raise ValueError(
-        "--agent_wallet is required: PF_ESCROW_URL points at the live Purple Flea service, "
-        "and pf-metaflow never picks a payee for real money"
+        f"--agent_wallet is required: PF_ESCROW_URL points at the live Purple Flea service "
+        f"(PF_ESCROW_URL={live_url_shown(url)!r} is neither sandbox: nor a loopback sandbox "
+        "server), and pf-metaflow never picks a payee for real money"
     )
+
+
+def live_url_shown(url: str | None) -> str:
+    """The scheme, host and port of ``url``: enough to recognise it, never a secret in it."""
+    parts = urlsplit((url or "").strip())
+    host = parts.hostname or ""
+    port = f":{parts.port}" if _port(parts) else ""
+    return f"{parts.scheme}://{host}{port}" if parts.scheme else (url or "")
+
+
+def _port(parts: Any) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
+
+
+class UsdcParamType(click.ParamType):
+    """A Metaflow Parameter type for USDC amounts: ``12``, ``12.5``, ``"12.00"`` or a
+    ``Decimal``, from the command line or ``Runner(...).run(total_budget_usdc=12)``.
+
+    The value is a ``Decimal``, exact to the micro-USDC (never a float); NaN, infinities,
+    negatives, more than 6 decimal places and amounts under 0.10 USDC are refused with
+    one line. The Runner API learns this type's Python types from pf-metaflow's Metaflow
+    extension (``metaflow_extensions/pf_metaflow/config``)::
+
+        total_budget_usdc = Parameter("total_budget_usdc", type=USDC, default="12.00")
+    """
+
+    name = "USDC"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Decimal:
+        if isinstance(value, float):
+            value = repr(value)  # the shortest text that reads back as this float: 12.1 -> "12.1"
+        try:
+            return parse_usdc(value, name=f"--{param.name}" if param is not None else "amount")
+        except InvalidAmount as exc:
+            self.fail(exc.message, param, ctx)
+
+    def __repr__(self) -> str:
+        return "USDC"
+
+
+USDC = UsdcParamType()

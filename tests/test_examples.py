@@ -96,3 +96,24 @@ def test_flows_run_unchanged_against_a_sandbox_server(tmp_path):
     assert statuses == ["released", "refunded"]
     balances = ws.balances()["agents"]
     assert balances[PAYER]["usdc"] == MINTED - 3 and balances[WORKER]["usdc"] == Decimal("2.97")
+
+
+def test_sandbox_server_example_refuses_a_port_another_process_holds(tmp_path):
+    ws = Workspace(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = os.pathsep.join([str(Path(sys.executable).parent), ws.env.get("PATH", "")])
+        proc = subprocess.run(["sh", str(EXAMPLES / "sandbox_server.sh")], cwd=ws.path,
+                              env={**ws.env, "PATH": path, "PORT": str(port)},
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"port {port} is taken by another process" in proc.stderr
+    assert not (ws.path / ".metaflow").exists() and not ws.db.exists()
+
+
+def test_examples_refer_to_files_that_exist():
+    for path in EXAMPLES.glob("*.py"):
+        for name in __import__("re").findall(r"`([\w./-]+\.(?:py|sh))`", path.read_text()):
+            assert (EXAMPLES / name).exists() or (REPO / name).exists(), f"{path.name} refers to {name}"

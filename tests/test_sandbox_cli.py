@@ -17,17 +17,27 @@ from pf_metaflow.sandbox.engine import SandboxEngine
 D = Decimal
 
 
-def pf(*args: str, cwd: Path, env_db: Path | None = None, exe: list[str] | None = None):
+def pf(*args: str, cwd: Path, env_db: Path | None = None, exe: list[str] | None = None,
+       env_url: str | None = None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
     if env_db is not None:
         env["PF_SANDBOX_DB"] = str(env_db)
+    if env_url is not None:
+        env["PF_ESCROW_URL"] = env_url
     return subprocess.run(
         [*(exe or [sys.executable, "-m", "pf_metaflow"]), "sandbox", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
     )
 
 
+def sandbox_at(path: Path) -> Path:
+    """A sandbox database as a first flow run leaves it (payer funded, nothing escrowed)."""
+    SandboxEngine(path).check_invariant()
+    return path
+
+
 def test_balance_json_of_a_new_sandbox_under_the_working_directory(tmp_path):
+    sandbox_at(tmp_path / ".pf_sandbox" / "escrow.db")
     result = pf("balance", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -41,12 +51,41 @@ def test_balance_json_of_a_new_sandbox_under_the_working_directory(tmp_path):
 
 
 def test_pf_sandbox_db_chooses_the_file_and_db_overrides_it(tmp_path):
-    assert pf("check", cwd=tmp_path, env_db=tmp_path / "env.db").returncode == 0
-    assert (tmp_path / "env.db").exists()
-    assert pf("check", "--db", str(tmp_path / "flag.db"), cwd=tmp_path,
-              env_db=tmp_path / "env.db").returncode == 0
-    assert (tmp_path / "flag.db").exists()
+    env_db, flag_db = sandbox_at(tmp_path / "env.db"), sandbox_at(tmp_path / "flag.db")
+    chosen = pf("check", cwd=tmp_path, env_db=env_db)
+    assert chosen.returncode == 0 and f"sandbox database: {env_db} (from PF_SANDBOX_DB)" in chosen.stderr
+    flagged = pf("check", "--db", str(flag_db), cwd=tmp_path, env_db=env_db)
+    assert flagged.returncode == 0 and f"sandbox database: {flag_db} (from --db)" in flagged.stderr
     assert not (tmp_path / ".pf_sandbox").exists()
+
+
+def test_balance_reads_the_database_the_flows_use_from_pf_escrow_url(tmp_path):
+    db = tmp_path / "flows.db"
+    SandboxEngine(db).claim("ag_sandbox_worker", "7")
+    result = pf("balance", "--json", cwd=tmp_path, env_url=f"sandbox://{db}")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["agents"]["ag_sandbox_worker"]["usdc"] == "7.000000"
+    assert f"sandbox database: {db} (from PF_ESCROW_URL)" in result.stderr
+
+
+def test_pf_sandbox_db_and_db_still_override_pf_escrow_url(tmp_path):
+    url_db, env_db = sandbox_at(tmp_path / "url.db"), sandbox_at(tmp_path / "env.db")
+    result = pf("check", cwd=tmp_path, env_db=env_db, env_url=f"sandbox://{url_db}")
+    assert f"sandbox database: {env_db} (from PF_SANDBOX_DB)" in result.stderr
+    result = pf("check", "--db", str(url_db), cwd=tmp_path, env_db=env_db, env_url="sandbox:///elsewhere.db")
+    assert f"sandbox database: {url_db} (from --db)" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["balance", "check"])
+def test_read_commands_refuse_a_database_that_does_not_exist_and_create_none(tmp_path, command):
+    typo = tmp_path / "escrwo.db"
+    result = pf(command, "--db", str(typo), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"pf-metaflow sandbox {command}: no sandbox database at {typo} (from --db): nothing has run "
+        "against it; check the path, or create it with a flow run or `pf-metaflow sandbox faucet "
+        "ag_sandbox_payer`")
+    assert not typo.exists() and not (tmp_path / ".pf_sandbox").exists()
 
 
 def test_register_then_faucet_then_balance(tmp_path):
@@ -73,6 +112,7 @@ def test_register_prints_the_key_for_a_person(tmp_path):
 
 
 def test_balance_table_lists_agents_and_totals(tmp_path):
+    sandbox_at(tmp_path / ".pf_sandbox" / "escrow.db")
     result = pf("balance", cwd=tmp_path)
     assert result.returncode == 0
     assert "ag_sandbox_payer" in result.stdout
@@ -91,6 +131,7 @@ def test_faucet_refusals_exit_1_with_the_reason(tmp_path, args, message):
 
 
 def test_check_passes_on_a_healthy_sandbox(tmp_path):
+    sandbox_at(tmp_path / ".pf_sandbox" / "escrow.db")
     result = pf("check", cwd=tmp_path)
     assert result.returncode == 0
     assert result.stdout.startswith("ok: minted 1000000.000000 USDC all accounted for")
@@ -145,6 +186,7 @@ def test_the_pf_metaflow_console_script_runs_sandbox_commands(tmp_path):
     script = Path(sys.executable).with_name("pf-metaflow")
     if not script.exists():
         pytest.skip("pf-metaflow console script is not installed next to this python")
+    sandbox_at(tmp_path / ".pf_sandbox" / "escrow.db")
     result = pf("balance", "--json", cwd=tmp_path, exe=[str(script)])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["minted"] == "1000000.000000"

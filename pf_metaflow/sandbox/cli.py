@@ -1,15 +1,19 @@
 """``pf-metaflow sandbox …``: run and inspect the local sandbox escrow.
 
 Commands: ``serve``, ``register NAME``, ``faucet AGENT``, ``balance``, ``check``. Each
-takes ``--db PATH`` (else ``$PF_SANDBOX_DB``, else ``./.pf_sandbox/escrow.db``) and
-returns an exit code.
+reads the same database the flows use: ``--db PATH``, else ``$PF_SANDBOX_DB``, else the
+path in ``PF_ESCROW_URL=sandbox:///PATH``, else ``./.pf_sandbox/escrow.db``; it says
+which (on stderr) and returns an exit code. The read commands (``balance``, ``check``)
+refuse a database that does not exist rather than create an empty one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from ..errors import PurpleFleaError
@@ -46,7 +50,8 @@ def add_sandbox_commands(subparsers: argparse._SubParsersAction) -> argparse.Arg
     db_option = argparse.ArgumentParser(add_help=False)
     db_option.add_argument(
         "--db", metavar="PATH",
-        help="sandbox database file (default: $PF_SANDBOX_DB or ./.pf_sandbox/escrow.db)",
+        help="sandbox database file (default: $PF_SANDBOX_DB, else the path in "
+             "PF_ESCROW_URL=sandbox:///PATH, else ./.pf_sandbox/escrow.db)",
     )
     sandbox = subparsers.add_parser(
         "sandbox", help="run and inspect the local sandbox escrow",
@@ -116,15 +121,42 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _engine(args: argparse.Namespace) -> SandboxEngine:
-    return SandboxEngine(args.db if args.db else SandboxEngine.default_path())
+class NoDatabase(Exception):
+    """A read command was pointed at a sandbox database that does not exist."""
+
+
+def database(args: argparse.Namespace) -> tuple[Path, str]:
+    """The sandbox database and where its name came from, in the order the user overrides."""
+    if args.db:
+        return Path(args.db).expanduser().absolute(), "--db"
+    if os.environ.get("PF_SANDBOX_DB"):
+        return Path(os.environ["PF_SANDBOX_DB"]).expanduser().absolute(), "PF_SANDBOX_DB"
+    url = os.environ.get("PF_ESCROW_URL", "").strip()
+    if url.lower().startswith("sandbox:") and url[len("sandbox:"):].strip("/"):
+        from .._embedded import sandbox_path
+
+        return Path(sandbox_path(url)), "PF_ESCROW_URL"
+    return Path(SandboxEngine.default_path()).absolute(), "default"
+
+
+def _engine(args: argparse.Namespace, *, read: bool = False) -> SandboxEngine:
+    path, source = database(args)
+    if read and not path.exists():
+        raise NoDatabase(
+            f"no sandbox database at {path} (from {source}): nothing has run against it; check "
+            "the path, or create it with a flow run or `pf-metaflow sandbox faucet ag_sandbox_payer`"
+        )
+    print(f"sandbox database: {path} (from {source})", file=sys.stderr)
+    return SandboxEngine(path)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
+    path, source = database(args)
+    print(f"sandbox database: {path} (from {source})", file=sys.stderr)
     serve(
-        args.host, args.port, args.db,
+        args.host, args.port, str(path),
         idempotency=not (args.no_idempotency or args.live),
         refunds=not (args.no_refund or args.live),
         create_rate=args.create_rate,
@@ -164,7 +196,12 @@ def cmd_faucet(args: argparse.Namespace) -> int:
 def cmd_balance(args: argparse.Namespace) -> int:
     from .server import balances_json
 
-    balances = balances_json(_engine(args).balances())
+    try:
+        engine = _engine(args, read=True)
+    except NoDatabase as exc:
+        print(f"pf-metaflow sandbox balance: {exc}", file=sys.stderr)
+        return 1
+    balances = balances_json(engine.balances())
     if args.json:
         print(json.dumps(balances, indent=2))
         return 0
@@ -177,7 +214,11 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    engine = _engine(args)
+    try:
+        engine = _engine(args, read=True)
+    except NoDatabase as exc:
+        print(f"pf-metaflow sandbox check: {exc}", file=sys.stderr)
+        return 1
     try:
         engine.check_invariant()
     except AssertionError as exc:
