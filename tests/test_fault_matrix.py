@@ -137,8 +137,9 @@ CELLS: dict[tuple[str, str], Union[Cell, NotApplicable]] = {
         both(RELEASED), after(RELEASE, "as_is", hold=READ_TIMEOUT)),
     # -- HTTP 500 --------------------------------------------------------------------------
     ("http_500", "before_create"): Cell(
-        "the create is answered 500 unprocessed: the step does not run", both(NOTHING),
-        instead_of(CREATE, "http_500")),
+        "the create is answered 500 unprocessed: a 5xx may hide a create that took effect, so it is "
+        "retried only with an Idempotency-Key; live-like: unknown (rule 4)",
+        (RELEASED, UNKNOWN_NONE), instead_of(CREATE, "http_500")),
     ("http_500", "after_create"): NotApplicable(
         "500 is the service's own 'no' (never retried): locking funds and answering 500 "
         "breaks the wire contract; lost create answers are the refused/timeout/malformed cells"),
@@ -152,7 +153,8 @@ CELLS: dict[tuple[str, str], Union[Cell, NotApplicable]] = {
         "the service releases, then answers 500", both(RELEASED), after(RELEASE, "http_500")),
     # -- HTTP 503 with Retry-After ---------------------------------------------------------
     ("http_503", "before_create"): Cell(
-        "the create is answered 503 Retry-After: 1 unprocessed", both(RELEASED),
+        "the create is answered 503 Retry-After: 1 unprocessed: retried with the key; live-like: "
+        "unknown (a 5xx is not a provable no)", (RELEASED, UNKNOWN_NONE),
         instead_of(CREATE, "http_503")),
     ("http_503", "after_create"): NotApplicable(
         "503 says the create was not processed, so the client may retry it without a key: "
@@ -185,10 +187,10 @@ CELLS: dict[tuple[str, str], Union[Cell, NotApplicable]] = {
     # -- malformed body: an HTML page where escrow JSON belongs ----------------------------
     ("malformed", "before_create"): Cell(
         "a 200 HTML page answers the create unprocessed (a captive portal): outcome unknown",
-        (REFUNDED, UNKNOWN_NONE), instead_of(CREATE, "malformed")),
+        (RELEASED, UNKNOWN_NONE), instead_of(CREATE, "malformed")),
     ("malformed", "after_create"): Cell(
         "the service locks the funds; its 201 answer is an HTML page",
-        (REFUNDED, UNKNOWN_ONE), after(CREATE, "malformed")),
+        (RELEASED, UNKNOWN_ONE), after(CREATE, "malformed")),
     ("malformed", "during_body"): Cell(
         "every request after the create is answered with a 200 HTML page until the task ended",
         both(REFUNDED), outage("malformed")),
