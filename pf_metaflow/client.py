@@ -48,6 +48,7 @@ from .errors import (
 )
 from .ids import check_agent_id, check_api_key, check_description, check_escrow_id, redact
 from .money import AmountLike, parse_usdc, usdc_str
+from .pacing import Budget, Pacer
 from .retries import Resend, retry_policy, run
 
 if TYPE_CHECKING:  # requests and tenacity load only for http(s) URLs
@@ -67,6 +68,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_TIMEOUT_HOURS = 720
+# Ten of the live service's 60 s rate-limit windows. With run-level pacing a shard waits
+# about one window per 20 shards running at once ahead of it, so this lets a fan-out of
+# up to ~200 concurrent shards (Metaflow's --max-workers) get paid; a shard still
+# without a slot after ten minutes is better reported unpaid than left hanging.
+DEFAULT_MAX_WAIT = 600.0
 _TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces: safe in a header
 
 
@@ -123,9 +129,11 @@ class EscrowClient:
     max_attempts : int
         Attempts per call, counting the first.
     max_wait : float
-        Retrying stops once the time since the first attempt, plus the wait before the
-        next, would reach this many seconds; so a ``Retry-After`` this long or longer is
-        not waited out (the error says how long the server asked). 0 disables retries.
+        The most time one call spends waiting to retry (default 600 s: ten live
+        rate-limit windows). Retrying stops once the time since the first attempt, plus
+        the wait before the next, would pass it; so a ``Retry-After`` or rate-limit
+        window ending later is not waited out, and the :class:`RateLimited` says how
+        long it waited and that nothing was processed. 0 disables retries.
     session : requests.Session, optional
         Reuse your own session (proxies, TLS settings); one is made otherwise.
     """
@@ -137,7 +145,7 @@ class EscrowClient:
         *,
         timeout: float = 10.0,
         max_attempts: int = 4,
-        max_wait: float = 30.0,
+        max_wait: float = DEFAULT_MAX_WAIT,
         session: Optional[requests.Session] = None,
     ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
@@ -156,6 +164,7 @@ class EscrowClient:
         self.max_attempts = max_attempts
         self.max_wait = max_wait
         self._policy: Optional[tenacity.Retrying] = None  # the embedded engine has nothing to retry
+        self._pacer: Optional[Pacer] = None  # nor any rate limit to pace to
         self._capabilities: Optional[Capabilities] = None
         self._agent_id: Optional[str] = None  # whose key this is, once some answer said so
         self._warned: set[str] = set()
@@ -174,6 +183,7 @@ class EscrowClient:
         self.is_embedded = False
         self.url = redact(base, key)
         self._policy = retry_policy(max_attempts, max_wait)
+        self._pacer = Pacer(base, key)  # the file is named by a hash: the key is not stored
         self._transport = HttpTransport(base, key, timeout, session)
 
     def __repr__(self) -> str:
@@ -187,7 +197,7 @@ class EscrowClient:
         )
 
     def _run(self, attempt: Callable[[], T]) -> T:
-        return run(self._policy, attempt)
+        return run(self._policy, attempt, self.max_wait)
 
     # -- what the server offers ------------------------------------------------------
 
@@ -347,7 +357,14 @@ class EscrowClient:
             self._learn_agent(escrow.creator_id)
             return escrow
 
-        return self._run(attempt)
+        pacer = self._pacer
+        if pacer is None:
+            return self._run(attempt)
+        # Over HTTP, creates share the run's rate-limit window with every other process
+        # using this URL and key: wait for a slot rather than stampede (pf_metaflow.pacing).
+        budget = Budget("create escrow", self.max_wait)
+        retry = self.max_attempts > 1
+        return self._run(lambda: pacer.send(attempt, budget, retry))
 
     def release(self, escrow_id: Union[str, Escrow]) -> Settlement:
         """Pay the escrow to its counterparty (less the 1% commission).
@@ -500,7 +517,7 @@ def default_client() -> EscrowClient:
     url = os.environ.get("PF_ESCROW_URL", "").strip()
     key = os.environ.get("PF_API_KEY") or None
     timeout = _env_seconds("PF_ESCROW_TIMEOUT", 10.0, upper=600)
-    max_wait = _env_seconds("PF_ESCROW_MAX_WAIT", 30.0, upper=86400)
+    max_wait = _env_seconds("PF_ESCROW_MAX_WAIT", DEFAULT_MAX_WAIT, upper=86400)
     cache_key: tuple = (url, key, timeout, max_wait)
     if is_sandbox_url(url):
         cache_key += (os.environ.get("PF_SANDBOX_DB"), os.getcwd())
@@ -518,7 +535,8 @@ def default_client() -> EscrowClient:
 
 def _env_seconds(name: str, default: float, *, upper: float) -> float:
     """A number of seconds from the environment: ``PF_ESCROW_TIMEOUT`` (per attempt, default
-    10) or ``PF_ESCROW_MAX_WAIT`` (longest time spent retrying one call, default 30)."""
+    10) or ``PF_ESCROW_MAX_WAIT`` (longest time one call spends waiting: for the rate
+    limit, a ``Retry-After``, or between retries; default 600)."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default

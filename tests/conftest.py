@@ -42,6 +42,8 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PF_SANDBOX_DB", str(tmp_path / ".pf_sandbox" / "escrow.db"))
     for name in _PF_ENV:
         monkeypatch.delenv(name, raising=False)
+    # Rate-limit windows learned by one test's clients never pace another test's.
+    monkeypatch.setenv("PF_ESCROW_PACING_DIR", str(tmp_path / ".pf_pacing"))
     return tmp_path
 
 

@@ -71,6 +71,12 @@ def dropped() -> requests.exceptions.ConnectionError:
         "Connection aborted.", RemoteDisconnected("Remote end closed connection without response")))
 
 
+@pytest.fixture(autouse=True)
+def _own_pacing_dir(monkeypatch, tmp_path) -> None:
+    """Each test its own shared rate-limit window (pf_metaflow.pacing): none leaks between tests."""
+    monkeypatch.setenv("PF_ESCROW_PACING_DIR", str(tmp_path / "pacing"))
+
+
 @pytest.fixture
 def waits(monkeypatch) -> list:
     recorded: list = []
@@ -237,13 +243,59 @@ def test_retry_after_as_an_http_date_is_honoured(client, requests_mock, waits):
     assert len(waits) == 1 and 17 <= waits[0] <= 20
 
 
-def test_429_without_retry_after_backs_off(client, requests_mock, waits):
+def test_429_without_retry_after_waits_for_the_window_its_message_names(requests_mock, waits):
+    client = EscrowClient(URL, KEY, max_wait=600)
+    requests_mock.post(CREATE, [
+        {"status_code": 429, "json": {"error": "rate_limited",
+                                      "message": "Too many requests. Limit: 20 per 60s"}},
+        {"status_code": 201, "json": CREATED},
+    ])
+    assert create(client).escrow_id == ESC
+    assert len(waits) == 1 and 60 <= waits[0] <= 62.5  # the window, not a short backoff
+
+
+def test_429_without_retry_after_or_limit_waits_the_documented_60_s(requests_mock, waits):
+    client = EscrowClient(URL, KEY, max_wait=600)
     requests_mock.post(CREATE, [
         {"status_code": 429, "json": {"error": "rate_limited"}},
         {"status_code": 201, "json": CREATED},
     ])
     create(client)
-    assert len(waits) == 1 and 1 <= waits[0] <= 1.5
+    assert len(waits) == 1 and 60 <= waits[0] <= 62.5
+
+
+def test_a_429_window_beyond_max_wait_raises_saying_nothing_was_created(requests_mock, waits):
+    client = EscrowClient(URL, KEY, max_wait=30)
+    requests_mock.post(CREATE, status_code=429, json={
+        "error": "rate_limited", "message": "Too many requests. Limit: 20 per 60s"})
+    with pytest.raises(RateLimited) as caught:
+        create(client)
+    message = caught.value.message
+    assert "20 per 60 s" in message and "PF_ESCROW_MAX_WAIT (30 s)" in message
+    assert "never processed" in message and "nothing is locked" in message
+    assert KEY not in message
+    assert len(sent(requests_mock)) == 1 and waits == []
+
+
+def test_max_wait_bounds_the_total_wait_over_many_windows(requests_mock, waits):
+    client = EscrowClient(URL, KEY, max_wait=50)
+    requests_mock.post(CREATE, status_code=429, json={
+        "error": "rate_limited", "message": "Too many requests. Limit: 5 per 10s"})
+    with pytest.raises(RateLimited) as caught:
+        create(client)
+    assert sum(waits) <= 50 and len(waits) >= 3  # waited window after window, then gave up
+    assert "after waiting" in caught.value.message
+    assert caught.value.details["gave_up"] is True
+
+
+def test_a_429_on_release_without_retry_after_waits_for_its_window(client, requests_mock, waits):
+    requests_mock.post(RELEASE, [
+        {"status_code": 429, "json": {"error": "rate_limited",
+                                      "message": "Too many requests. Limit: 30 per 10s"}},
+        {"status_code": 200, "json": RELEASED},
+    ])
+    assert client.release(ESC).status == "released"
+    assert len(waits) == 1 and 10 <= waits[0] <= 10.5
 
 
 def test_a_retry_after_beyond_max_wait_is_not_waited_out(requests_mock, waits):
