@@ -96,7 +96,14 @@ class Gate:
             return False, f"release gate {self.text!r}: cannot compare {left!r} with {right!r}"
         verdict = "holds" if ok else "does not hold"
         limit = self.right.attribute or "limit"
-        return ok, f"release gate {self.text!r} {verdict}: {self.left}={left!r}, {limit}={right!r}"
+        return ok, f"release gate {self.text!r} {verdict}: {self.left}={_shown(left)}, {limit}={_shown(right)}"
+
+
+def _shown(value: Any) -> str:
+    """A gate's value for people: floats to 4 significant digits (0.8123456789 -> 0.8123)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return repr(value)
 
 
 def parse_gate(raw: Any) -> Any:
