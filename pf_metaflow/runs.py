@@ -143,6 +143,7 @@ class _Task:
     ok: Optional[bool] = None  # a recorded outcome: True once an attempt succeeded
     done: bool = False  # an attempt finished persisting (its artifacts can be read)
     ds: Optional[tuple[str, str]] = None  # (ds-type, ds-root) from its metadata
+    ended: tuple = ()  # attempts that recorded an outcome, newest first
 
     @property
     def has_records(self) -> bool:
@@ -228,6 +229,7 @@ class _Location:
         if outcomes:
             task.ok = any(outcomes.values())
             task.done = True
+            task.ended = tuple(sorted(outcomes, reverse=True))
         if "ds-type" in ds and "ds-root" in ds:
             task.ds = (ds["ds-type"], ds["ds-root"])
 
@@ -291,12 +293,25 @@ class _Artifacts:
         self._stores: dict[tuple[str, str], Any] = {}
 
     def get(self, task: _Task, name: str, default: Any = None) -> Any:
-        """The artifact ``name`` of ``task``'s latest finished attempt (``default`` if absent)."""
+        """The artifact ``name`` of ``task``'s newest attempt that saved its artifacts (``default``
+        if absent). The newest attempt may still be running, or have died, with an earlier one
+        finished: that one is read, never the half-written newest."""
         ds = task.ds or self._default
         if ds is None:
             raise LookupError("no datastore is recorded for this run")
-        tds = self._store(ds).get_task_datastore(self._where.run_id, task.step, task.id, mode="r")
-        return tds[name] if name in tds else default
+        store = self._store(ds)
+        failure: Optional[Exception] = None
+        for attempt in task.ended or (None,):
+            try:
+                tds = store.get_task_datastore(self._where.run_id, task.step, task.id,
+                                               attempt=attempt, mode="r")
+            except Exception as exc:  # noqa: BLE001 - that attempt saved nothing; try an earlier one
+                failure = failure or exc
+                continue
+            return tds[name] if name in tds else default
+        if failure is not None and not task.ok and task.has_records:
+            return default  # a failed task whose own records (read above) already say what it paid
+        raise failure if failure is not None else LookupError("no attempt saved its artifacts")
 
     def _store(self, ds: tuple[str, str]):
         if ds not in self._stores:

@@ -2,12 +2,15 @@
 
 ``@fault_point`` sits between ``@pf_escrow_step`` and ``@step``, so Metaflow runs its hooks
 first: its ``task_post_step`` runs after the body and before ``@pf_escrow_step`` releases.
-``@catch`` and ``@timeout`` come from ``run --with ...`` when a cell wants them.
+``@catch``, ``@timeout`` and ``@retry`` come from ``run --with ...`` when a cell wants them.
+The body waits at the test's gate when ``PFMF_GATE`` is set, and can leave an artifact that
+fails (or kills) the task while Metaflow persists it, after the release (see ``fault_points``).
+The same flow runs under ``run`` and step by step, as an orchestrator drives it.
 """
 
 import time
 
-from fault_points import at, fault_point
+from fault_points import at, fault_point, gate
 from metaflow import FlowSpec, step
 
 from pf_metaflow import pf_escrow_step
@@ -19,10 +22,12 @@ class FaultFlow(FlowSpec):
     @step
     def start(self):
         at("body_start")
+        gate()
         self.progress = "half way"
         time.sleep(0.2)
         at("mid_body")
         self.progress = "done"
+        at("persist", self)
         self.next(self.end)
 
     @step
