@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 from decimal import Decimal
 from functools import partial, update_wrapper
@@ -165,6 +166,18 @@ class PfEscrowStepDecorator(StepDecorator):
             # Before any escrow record: a task that may be running is never settled by others.
             self._lease = LeaseKeeper(retry_count, self._write_lease)
             self._lease.start()
+        # --- issue 14 hook: pf_metaflow.mcp's agent toolkit reaches this task's escrow context (in
+        # this process only: nothing persisted, no key). See pf_metaflow/mcp/context.py.
+        from .mcp.context import TaskContext, set_current
+
+        def _note_agent(entries, _flow=flow):
+            self._ledger = ledger_mod.merge(self._ledger, entries)
+            self._publish(_flow)
+
+        set_current(TaskContext(flow=flow, where=self._where, attempt=retry_count, metadata=metadata,
+                                budget_key=self._budget_key, billed=self._billed, note=_note_agent,
+                                own_entry=lambda: self._escrow.entry, write_lease=self._write_lease))
+        # --- end of issue 14 hook
 
     def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries, ubf_context):
         if not self._billed or retry_count > max_user_code_retries:
@@ -485,12 +498,23 @@ def _incoming_ledger(flow, graph, step_name, inputs) -> list:
 def escrow_metadatum(entry, writer: Any = None) -> MetaDatum:
     """One state of an escrow as a task metadata record (a unique field per writer and state)."""
     who = entry["attempt"] if writer is None else writer
+    # A task may hold several escrows (a second generation `#2`, its agents' `…/agent/N`) whose
+    # writers and seqs coincide, and local metadata drops a second record of the same field in
+    # the same millisecond: what the ref adds to the task's own goes in the field.
+    extra = _field_tag(str(entry.get("ref", "")))
     return MetaDatum(
-        field=f"pf_escrow_{who}_{entry['seq']}",
+        field=f"pf_escrow_{who}_{extra + '_' if extra else ''}{entry['seq']}",
         value=json.dumps(entry, sort_keys=True),
         type=METADATA_TYPE,
         tags=[f"attempt_id:{who}"] if isinstance(who, int) else [],
     )
+
+
+def _field_tag(ref: str) -> str:
+    """What a ref adds to its task's own (``F/1/s/2#2`` -> ``g2``, ``…/agent/3`` -> ``agent3``)."""
+    task_ref, _, generation = ref.partition("#")
+    beyond = task_ref.split("/", 4)[4] if task_ref.count("/") >= 4 else ""
+    return re.sub(r"[^A-Za-z0-9]", "", beyond) + (f"g{generation}" if generation else "")
 
 
 def _task_records(metadata, flow_name, run_id, step, task_id) -> list:

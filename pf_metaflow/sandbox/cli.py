@@ -45,6 +45,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return number
+
+
 def add_sandbox_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``sandbox`` and its subcommands; each sets ``func(args) -> int``."""
     db_option = argparse.ArgumentParser(add_help=False)
@@ -87,6 +97,13 @@ def add_sandbox_commands(subparsers: argparse._SubParsersAction) -> argparse.Arg
     serve.add_argument("--dispute-rate", type=_rate, metavar="N/SECONDS",
                        help="limit disputes per client address; with --live, per escrow "
                             "path (live: 10/60)")
+    serve.add_argument("--max-connections", type=_positive, default=256, metavar="N",
+                       help="open connections at once; more are answered 503 (default 256)")
+    serve.add_argument("--workers", type=_positive, default=8, metavar="N",
+                       help="threads running escrow operations (default 8)")
+    serve.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="seconds a request's headers, and then its body, may take to "
+                            "arrive; slower clients get 408 and are closed (default 10)")
     serve.set_defaults(func=cmd_serve)
 
     register = commands.add_parser(
@@ -151,8 +168,12 @@ def _engine(args: argparse.Namespace, *, read: bool = False) -> SandboxEngine:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .hosting import Limits
     from .server import serve
 
+    if not args.request_timeout > 0:
+        print("pf-metaflow sandbox serve: --request-timeout must be more than 0", file=sys.stderr)
+        return 2
     path, source = database(args)
     print(f"sandbox database: {path} (from {source})", file=sys.stderr)
     serve(
@@ -163,6 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         release_rate=args.release_rate,
         dispute_rate=args.dispute_rate,
         live=args.live,
+        limits=Limits(max_connections=args.max_connections, workers=args.workers,
+                      header_timeout=args.request_timeout, body_timeout=args.request_timeout),
     )
     return 0
 

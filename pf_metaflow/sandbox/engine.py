@@ -146,26 +146,48 @@ def _key_hash(api_key: str) -> str:
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
 
 
+# Hours given as text: plain ASCII decimals, as the live protocol's numbers.
+_PLAIN_NUMBER = re.compile(r"-?[0-9]{1,30}(?:\.[0-9]{1,30})?", re.ASCII)
+
+
+def _plain_amount(value: AmountLike, name: str) -> AmountLike:
+    """``value``, refusing text with what Decimal() takes beyond ASCII numbers: other
+    scripts' digits ("١٠", "１０") and underscores ("1_0"). NaN, inf and exponents go on to
+    parse_usdc, which says what is wrong with them."""
+    if isinstance(value, str) and (not value.isascii() or "_" in value):
+        shown = repr(value) if len(value) <= 40 else f"a text of {len(value)} characters"
+        raise InvalidAmount(f"{name} is not a number: expected plain ASCII digits such as "
+                            f"12.5, got {shown}")
+    return value
+
+
 def _timeout_hours(value: object) -> int:
     """Whole hours, clamped to 1..720 as the live service does (it floors and clamps)."""
     if value is None:
         return DEFAULT_TIMEOUT_HOURS
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
         raise InvalidRequest(
-            f"timeout_hours must be a whole number of hours, got {value!r}", code="invalid_timeout"
+            "timeout_hours must be a whole number of hours", code="invalid_timeout"
         )
     if isinstance(value, int):
         hours = value
     else:
         try:
+            if isinstance(value, str) and not _PLAIN_NUMBER.fullmatch(value.strip()):
+                raise InvalidOperation  # only plain ASCII decimals: not "1_0", "١٠", "1e9"
             number = Decimal(repr(value) if isinstance(value, float) else str(value).strip())
         except InvalidOperation:
             number = Decimal("NaN")
         if not number.is_finite():
             raise InvalidRequest(
-                f"timeout_hours must be a whole number of hours, got {value!r}",
-                code="invalid_timeout",
+                "timeout_hours must be a whole number of hours", code="invalid_timeout"
             )
+        # Clamp before converting: int() of 1e1000000 costs time that grows with the
+        # exponent (the square of it), and a request must not buy that.
+        if number >= MAX_TIMEOUT_HOURS:
+            return MAX_TIMEOUT_HOURS
+        if number < 1:
+            return 1
         hours = int(number.to_integral_value(rounding="ROUND_FLOOR"))
     return min(max(1, hours), MAX_TIMEOUT_HOURS)
 
@@ -368,7 +390,7 @@ class SandboxEngine:
         """
         if amount_usd is None:
             raise InvalidAmount("amount_usd is required")
-        amount = parse_usdc(amount_usd, name="amount_usd")
+        amount = parse_usdc(_plain_amount(amount_usd, "amount_usd"), name="amount_usd")
         if isinstance(description, str):
             description = description.strip()
         description = check_description(description)
@@ -660,7 +682,7 @@ class SandboxEngine:
         if amount is None:
             value = FAUCET_DEFAULT_USDC
         else:
-            value = parse_usdc(amount, name="amount", minimum=None)
+            value = parse_usdc(_plain_amount(amount, "amount"), name="amount", minimum=None)
             if value <= 0 or value > FAUCET_MAX_USDC:
                 raise InvalidAmount(
                     f"amount must be more than 0 and at most {usdc_str(FAUCET_MAX_USDC)} USDC "

@@ -1,9 +1,13 @@
 """The sandbox escrow over HTTP: the live Purple Flea wire protocol plus sandbox extensions.
 
 ``make_app(engine)`` is a plain WSGI callable (wrap it in any middleware, e.g. a test's
-fault injector); ``serve()`` runs it on Werkzeug's threaded server. The protocol is the
-live service's (paths, field names, status codes, JSON number amounts, an ``_info``
-object in every body), plus what the live service lacks:
+fault injector); ``serve()`` runs it on uvicorn behind a Starlette router, with connection,
+worker, time and size limits, beside any ASGI apps mounted with it (``mounts={"/mcp": app}``;
+see :mod:`.hosting`). Every input is checked within fixed limits before any work
+(:mod:`.parsing`), every refusal is a short JSON 4xx, amounts are JSON numbers written from
+their exact decimal digits, and ``/openapi.json`` is a complete OpenAPI 3.1 document
+(:mod:`.openapi`). The protocol is the live service's (paths, field names, status codes, JSON
+number amounts, an ``_info`` object in every body), plus what the live service lacks:
 
 - ``POST /escrow/refund/{id}``: full refund to the creator, no commission;
 - ``Idempotency-Key`` on ``POST /escrow/create``: same key and body -> the first answer
@@ -25,7 +29,6 @@ address, across escrows, with ``Retry-After``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -34,27 +37,44 @@ import threading
 import time
 import traceback
 from decimal import Decimal
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
-from werkzeug.exceptions import HTTPException
-from werkzeug.routing import Map, Rule
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import BaseConverter, Map, RequestRedirect, Rule
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
+from werkzeug.serving import make_server as make_werkzeug_server
 from werkzeug.wrappers import Request, Response
 
 from .. import __version__
-from ..errors import AuthenticationError, InvalidRequest, PurpleFleaError, RateLimited
+from ..errors import AuthenticationError, NotFound, PurpleFleaError, RateLimited
+from ..ids import ESCROW_ID_RE
 from ..money import usdc_str
+from . import openapi, parsing
 from .engine import SandboxEngine
+from .hosting import Limits, make_asgi_app, make_server
 
 SERVICE = "pf-metaflow sandbox"
 Rate = tuple  # (count, seconds)
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_MESSAGES = {404: "no such path", 405: "method not allowed on this path"}
+# Path segments that name an operation, never an escrow: GET /escrow/create is a 405 on the
+# create path, not a lookup of an escrow called "create".
+_OPERATIONS = ("create", "stats", "release", "complete", "dispute", "refund")
 
 
-class _Request(Request):
-    max_content_length = 64 * 1024  # escrow requests are tiny; refuse anything else
+class _EscrowIdConverter(BaseConverter):
+    regex = r"(?!(?:%s)$)[^/]+" % "|".join(_OPERATIONS)
+
+
+def _escrow_id(escrow_id: str) -> str:
+    """An id of the escrow form; anything else is an escrow that does not exist (never
+    repeated in the message: a path segment can be kilobytes long)."""
+    if not ESCROW_ID_RE.match(escrow_id):
+        raise NotFound("escrow not found (an escrow id is esc_ and up to 64 letters, digits, "
+                       "'_' or '-')")
+    return escrow_id
 
 
 class RateLimiter:
@@ -163,14 +183,6 @@ class LiveRateLimits:
                 f"{rate('release')}, dispute {rate('dispute')} per escrow path; no Retry-After")
 
 
-def _json_default(value: Any) -> Any:
-    # Amounts are JSON numbers on the wire, as live. A 6-place Decimal below 1e9 survives
-    # the trip through a double exactly (its shortest repr is the same decimal).
-    if isinstance(value, Decimal):
-        return float(value)
-    raise TypeError(f"cannot send {type(value).__name__} as JSON")
-
-
 def app_extensions(idempotency: bool, refunds: bool) -> list[str]:
     """The sandbox extensions a server with these settings offers, as advertised."""
     enabled = (("refund", refunds), ("idempotency", idempotency), ("faucet", True),
@@ -214,37 +226,52 @@ class SandboxApp:
             Rule("/openapi.json", endpoint="openapi", methods=["GET"]),
             Rule("/escrow/stats", endpoint="stats", methods=["GET"]),
             Rule("/escrow/create", endpoint="create", methods=["POST"]),
-            Rule("/escrow/release/<escrow_id>", endpoint="release", methods=["POST"]),
-            Rule("/escrow/complete/<escrow_id>", endpoint="complete", methods=["POST"]),
-            Rule("/escrow/dispute/<escrow_id>", endpoint="dispute", methods=["POST"]),
-            Rule("/escrow/<escrow_id>", endpoint="get", methods=["GET"]),
+            Rule("/escrow/release/<escrow_id:escrow_id>", endpoint="release", methods=["POST"]),
+            Rule("/escrow/complete/<escrow_id:escrow_id>", endpoint="complete", methods=["POST"]),
+            Rule("/escrow/dispute/<escrow_id:escrow_id>", endpoint="dispute", methods=["POST"]),
+            Rule("/escrow/<escrow_id:escrow_id>", endpoint="get", methods=["GET"]),
             Rule("/faucet/register", endpoint="register", methods=["POST"]),
             Rule("/faucet/claim", endpoint="claim", methods=["POST"]),
             Rule("/wallet/balance", endpoint="balance", methods=["GET"]),
             Rule("/sandbox/balances", endpoint="balances", methods=["GET"]),
         ]
         if self.refunds:
-            rules.append(Rule("/escrow/refund/<escrow_id>", endpoint="refund", methods=["POST"]))
-        self.url_map = Map(rules, strict_slashes=False)
+            rules.append(Rule("/escrow/refund/<escrow_id:escrow_id>", endpoint="refund",
+                              methods=["POST"]))
+        # No redirects of any kind (they would be built from the client's Host header): a
+        # path is matched as sent, or it is a 404.
+        self.url_map = Map(rules, strict_slashes=False, merge_slashes=False,
+                           redirect_defaults=False, converters={"escrow_id": _EscrowIdConverter})
+        self.openapi_document = openapi.document(
+            version=__version__, extensions=self.extensions, refunds=self.refunds,
+            idempotency=self.idempotency, sandbox_limits=not live,
+        )
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        request = _Request(environ)
+        request = Request(environ)
         return self.dispatch(request)(environ, start_response)
 
     # -- plumbing ------------------------------------------------------------------
 
     def dispatch(self, request: Request) -> Response:
-        adapter = self.url_map.bind_to_environ(request.environ)
+        # Bound to a fixed name, not the Host header: nothing is built from what a client
+        # says the host is.
+        adapter = self.url_map.bind("sandbox.invalid", path_info=request.path,
+                                    url_scheme="http", query_args="")
         try:
-            endpoint, args = adapter.match()
+            endpoint, args = adapter.match(method=request.method)
             return getattr(self, "on_" + endpoint)(request, **args)
         except PurpleFleaError as exc:
             return self._error(exc)
+        except RequestRedirect:  # not configured to happen; never answer with one
+            return self._json({"error": "not_found", "message": _HTTP_MESSAGES[404]}, 404)
         except HTTPException as exc:
-            code = _HTTP_CODES.get(exc.code or 500, "http_error")
-            response = self._json({"error": code, "message": exc.description}, exc.code or 500)
-            if exc.code == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
-                response.headers["Allow"] = ", ".join(exc.valid_methods)
+            status = exc.code or 500
+            code = _HTTP_CODES.get(status, "http_error")
+            message = _HTTP_MESSAGES.get(status, "request refused")
+            response = self._json({"error": code, "message": message}, status)
+            if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+                response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
             return response
         except Exception:  # an answer, not a dropped connection, like live's onError
             traceback.print_exc(file=sys.stderr)
@@ -258,9 +285,7 @@ class SandboxApp:
             "sandbox": True,
             "extensions": self.extensions,
         }
-        return Response(
-            json.dumps(body, default=_json_default), status=status, mimetype="application/json"
-        )
+        return Response(parsing.dumps(body), status=status, mimetype="application/json")
 
     def _error(self, exc: PurpleFleaError) -> Response:
         body: dict[str, Any] = {"error": exc.code, "message": exc.message}
@@ -307,16 +332,8 @@ class SandboxApp:
 
     @staticmethod
     def _body(request: Request) -> dict:
-        raw = request.get_data()
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw, parse_float=Decimal)
-        except ValueError:
-            raise InvalidRequest("request body is not JSON", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("request body must be a JSON object", code="invalid_json")
-        return body
+        """The JSON object sent, read and checked within :mod:`.parsing`'s limits."""
+        return parsing.parse_json_object(parsing.read_body(request.environ))
 
     # -- the live protocol -----------------------------------------------------------
 
@@ -340,14 +357,23 @@ class SandboxApp:
         self._limit(request, "create")
         creator = self._agent(request)
         body = self._body(request)
-        key = request.headers.get("Idempotency-Key") if self.idempotency else None
+        key = None
+        if self.idempotency:
+            key = parsing.check_header(request.headers.get("Idempotency-Key"), "Idempotency-Key")
+        # Checked here in live's order, with messages that repeat no long input.
+        amount = parsing.amount(body.get("amount_usd"), "amount_usd")
+        description = parsing.description(body.get("description"))
+        counterparty = parsing.agent_id(body.get("counterparty_agent_id"),
+                                        "counterparty_agent_id")
         record, replayed = self.engine.create(
             creator,
-            amount_usd=body.get("amount_usd"),
-            description=body.get("description"),
-            counterparty_agent_id=body.get("counterparty_agent_id"),
-            timeout_hours=body.get("timeout_hours"),
-            referral_code=body.get("referral_code"),
+            amount_usd=amount,
+            description=description,
+            counterparty_agent_id=counterparty,
+            timeout_hours=parsing.timeout_hours(body.get("timeout_hours")),
+            referral_code=parsing.text(body.get("referral_code"), "referral_code",
+                                       "invalid_referral_code", required=False,
+                                       limit=parsing.MAX_REFERRAL_CODE),
             idempotency_key=key,
         )
         response = self._json(record, 201)
@@ -357,7 +383,7 @@ class SandboxApp:
 
     def on_release(self, request: Request, escrow_id: str) -> Response:
         self._limit(request, "release")
-        result = self.engine.release(self._agent(request), escrow_id)
+        result = self.engine.release(self._agent(request), _escrow_id(escrow_id))
         result["message"] = (
             f"{usdc_str(result['amount_released'])} USDC released to counterparty."
         )
@@ -365,48 +391,45 @@ class SandboxApp:
 
     def on_complete(self, request: Request, escrow_id: str) -> Response:
         self._limit(request, "complete")
-        result = self.engine.complete(self._agent(request), escrow_id)
+        result = self.engine.complete(self._agent(request), _escrow_id(escrow_id))
         result["message"] = "Task marked complete. Waiting for creator to release funds."
         return self._json(result)
 
     def on_dispute(self, request: Request, escrow_id: str) -> Response:
         self._limit(request, "dispute")
         agent = self._agent(request)
-        result = self.engine.dispute(agent, escrow_id, self._body(request).get("reason"))
+        reason = parsing.text(self._body(request).get("reason"), "reason", "invalid_reason",
+                              required=False)
+        result = self.engine.dispute(agent, _escrow_id(escrow_id), reason)
         result["message"] = "Escrow flagged for manual review; its funds stay locked."
         return self._json(result)
 
     def on_get(self, request: Request, escrow_id: str) -> Response:
-        return self._json(self.engine.get(escrow_id))
+        return self._json(self.engine.get(_escrow_id(escrow_id)))
 
     def on_openapi(self, request: Request) -> Response:
-        paths: dict[str, dict] = {}
-        for rule in self.url_map.iter_rules():
-            path = rule.rule.replace("<", "{").replace(">", "}")
-            for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-                paths.setdefault(path, {})[method.lower()] = {"operationId": rule.endpoint}
-        return self._json({
-            "openapi": "3.0.3",
-            "info": {"title": "Purple Flea agent escrow (pf-metaflow sandbox)",
-                     "version": __version__},
-            "paths": dict(sorted(paths.items())),
-            "x-pf-sandbox": {"extensions": self.extensions},
-        })
+        # The document itself, with no _info: OpenAPI allows only x- extensions at the top.
+        return Response(parsing.dumps(self.openapi_document), mimetype="application/json")
 
     # -- sandbox extensions ------------------------------------------------------------
 
     def on_refund(self, request: Request, escrow_id: str) -> Response:
         self._limit(request, "refund")
-        result = self.engine.refund(self._agent(request), escrow_id)
+        result = self.engine.refund(self._agent(request), _escrow_id(escrow_id))
         result["message"] = f"{usdc_str(result['amount_refunded'])} USDC refunded to creator."
         return self._json(result)
 
     def on_register(self, request: Request) -> Response:
-        return self._json(self.engine.register(self._body(request).get("name")), 201)
+        name = parsing.text(self._body(request).get("name"), "name", "invalid_name",
+                            limit=parsing.MAX_NAME)
+        return self._json(self.engine.register(name), 201)
 
     def on_claim(self, request: Request) -> Response:
         agent = self._agent(request)
-        return self._json(self.engine.claim(agent, self._body(request).get("amount")))
+        amount = self._body(request).get("amount")
+        if amount is not None:
+            amount = parsing.amount(amount, "amount", minimum=None)
+        return self._json(self.engine.claim(agent, amount))
 
     def on_balance(self, request: Request) -> Response:
         return self._json(self.engine.balance(self._agent(request)))
@@ -475,11 +498,18 @@ class QuietRequestHandler(WSGIRequestHandler):
 
 
 def make_http_server(app: WSGIApp, host: str = "127.0.0.1", port: int = 0) -> BaseWSGIServer:
-    """A threaded Werkzeug server for ``app``, bound but not yet serving."""
-    return make_server(host, port, app, threaded=True, request_handler=QuietRequestHandler)
+    """A threaded Werkzeug server for a WSGI ``app`` in this process, bound, not serving.
+
+    For tests that put WSGI middleware (fault injectors) in front of the app in their own
+    process. It is not what ``pf-metaflow sandbox serve`` runs: that is :func:`serve`, on
+    uvicorn with connection, thread, time and size limits (:mod:`.hosting`). The app's own
+    checks (body size, JSON limits, exact amounts) hold on both.
+    """
+    return make_werkzeug_server(host, port, app, threaded=True,
+                                request_handler=QuietRequestHandler)
 
 
-def server_url(server: BaseWSGIServer) -> str:
+def server_url(server: Any) -> str:
     host = server.host
     if ":" in host:
         host = f"[{host}]"
@@ -498,13 +528,20 @@ def serve(
     dispute_rate: Optional[Rate] = None,
     live: bool = False,
     wrap: Optional[Callable[[WSGIApp], WSGIApp]] = None,
+    mounts: Optional[Mapping[str, Any]] = None,
+    lifespan: Optional[Callable[[Any], Any]] = None,
+    limits: Optional[Limits] = None,
 ) -> None:
     """Serve the sandbox escrow until interrupted (Ctrl-C or SIGTERM).
 
     Prints one line, ``pf-metaflow sandbox serving on http://HOST:PORT``, once it is
     listening (read it to learn the port when ``port=0``). ``wrap`` is applied to the
-    app before serving (middleware, e.g. fault injection in tests).
+    (WSGI) app before serving (middleware, e.g. fault injection in tests). ``mounts`` maps
+    path prefixes to other ASGI apps served in the same process (``{"/mcp": mcp_app}``),
+    ``lifespan`` runs around serving (see :func:`.hosting.make_asgi_app`); ``limits``: the
+    server's :class:`~.hosting.Limits` (connections, worker threads, timeouts, sizes).
     """
+    limits = limits or Limits()
     engine = SandboxEngine(db if db is not None else SandboxEngine.default_path())
     sandbox_app = make_app(
         engine,
@@ -519,7 +556,10 @@ def serve(
     if wrap is not None:
         app = wrap(app)
     engine.stats()  # opens (and if new, creates) the database before we listen
-    server = make_http_server(app, host, port)
+    if mounts is None:
+        mounts, lifespan = _mcp_mount(engine, host, lifespan)
+    server = make_server(make_asgi_app(app, mounts=mounts, lifespan=lifespan, limits=limits),
+                         host, port, limits)
     try:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -529,7 +569,9 @@ def serve(
             mode = f"; live mode: {sandbox_app.live_limits.describe()}"
         print(
             f"pf-metaflow sandbox serving on {server_url(server)} (db: {engine.path}; "
-            f"extensions: {', '.join(sandbox_app.extensions)}{mode})",
+            f"extensions: {', '.join(sandbox_app.extensions)}{mode}; "
+            f"{'MCP at /mcp; ' if mounts and '/mcp' in mounts else ''}at most "
+            f"{limits.max_connections} connections, {limits.workers} workers)",
             flush=True,
         )
         server.serve_forever()
@@ -538,6 +580,37 @@ def serve(
     finally:
         server.server_close()
         engine.close()
+
+
+def _mcp_mount(engine: SandboxEngine, host: str, lifespan: Optional[Callable[[Any], Any]]):
+    """``/mcp`` (the live MCP tool set on this engine) when the ``mcp`` extra is installed; the
+    MCP session manager runs in the server's lifespan, around any lifespan the caller gave."""
+    try:
+        from ..mcp.server import mcp_asgi_app
+        import mcp  # noqa: F401 - the SDK itself, not only our module
+    except ImportError:
+        return {}, lifespan
+    from contextlib import asynccontextmanager
+
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    # Bound beyond loopback, the Host header names whatever address clients use.
+    mcp_app = mcp_asgi_app(engine, **({} if loopback else {"allowed_hosts": None}))
+
+    @asynccontextmanager
+    async def with_mcp(app):
+        async with mcp_app.lifespan():
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+
+    return {"/mcp": mcp_app}, with_mcp
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
