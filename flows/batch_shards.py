@@ -17,11 +17,21 @@ The payment story
    which refunded.
 4. ``end`` prints what was paid, refunded and left pending, ends with a ``RESULT:``
    line, and shows the ledger as a card (``python flows/batch_shards.py card view end``).
+   A shard whose escrow could not be created (the service refused the create, or its
+   rate limit stayed full past ``PF_ESCROW_MAX_WAIT``) did not run and was not paid: it is
+   in the ledger as ``not_created`` with the reason, ``join`` and ``end`` name it
+   (``UNPAID score[3]: …``, a ``WARNING`` line, ``RESULT: UNPAID: …``), and ``end`` then
+   fails, so the run exits non-zero and is not ``successful``: re-run those shards.
 
 Run it
 ------
     python flows/batch_shards.py run                                      # 8 shards, all paid
     python flows/batch_shards.py run --num_shards 20 --fail_shards 3,7    # 18 paid, 2 refunded
+
+    # 24 shards against a live-like service allowing 5 creates per 6 s: all paid, paced
+    pf-metaflow sandbox serve --live --create-rate 5/6 --port 8765 &
+    PF_ESCROW_URL=http://127.0.0.1:8765 PF_API_KEY=pf_sandbox_payer_key \
+        python flows/batch_shards.py run --num_shards 24 --max-workers 24
 """
 
 from decimal import Decimal
@@ -29,7 +39,7 @@ from decimal import Decimal
 from metaflow import FlowSpec, Parameter, card, catch, current, step
 
 from pf_metaflow import format_table, pf_escrow_step, sandbox_or_required_agent
-from pf_metaflow.card import append_ledger_card, end_summary, ordered
+from pf_metaflow.card import append_ledger_card, end_summary, fail_if_unpaid, ordered
 from pf_metaflow.params import USDC
 from pf_metaflow.preflight import PreflightError, preflight
 from workloads import InjectedFailure, make_transactions, parse_shard_list, score_shard
@@ -96,11 +106,16 @@ class BatchShardsFlow(FlowSpec):
         entries = [e for e in self.pf_ledger if e["step"] == "score"]
         self.paid_shards = sorted(shard_of(e) for e in entries if e["status"] == "released")
         self.refunded_shards = sorted(shard_of(e) for e in entries if e["status"] == "refunded")
+        # No escrow could be created for these (refused, or the rate limit's wait ran out):
+        # they did not run and nobody was paid for them.
+        self.unpaid_shards = sorted(shard_of(e) for e in entries if e["status"] == "not_created")
         print(f"{len(done)} of {len(shards)} shards scored: {self.rows_scored} rows, "
               f"{len(self.flagged)} flagged")
         print(f"paid shards ({len(self.paid_shards)}): {', '.join(map(str, self.paid_shards)) or 'none'}")
         print(f"refunded shards ({len(self.refunded_shards)}): "
               f"{', '.join(map(str, self.refunded_shards)) or 'none'}")
+        print(f"unpaid shards, no escrow created ({len(self.unpaid_shards)}): "
+              f"{', '.join(map(str, self.unpaid_shards)) or 'none'}")
         self.next(self.end)
 
     @card
@@ -109,10 +124,13 @@ class BatchShardsFlow(FlowSpec):
         """What was paid, refunded and left pending, shard by shard; the last line says how the batch ended."""
         print(format_table(ordered(self.pf_ledger), title="Batch payments, one escrow per shard"))
         outcome = (f"Batch: {len(self.paid_shards)} of {self.num_shards} shards scored and paid"
-                   + (f"; refunded: {', '.join(map(str, self.refunded_shards))}" if self.refunded_shards else ""))
+                   + (f"; refunded: {', '.join(map(str, self.refunded_shards))}" if self.refunded_shards else "")
+                   + (f"; unpaid (no escrow created): {', '.join(map(str, self.unpaid_shards))}"
+                      if self.unpaid_shards else ""))
         self.summary = end_summary(self.pf_ledger, outcome=outcome)
         print(self.summary)
         append_ledger_card(current.card, self.pf_ledger, summary=self.summary)
+        fail_if_unpaid(self.pf_ledger)  # unpaid work: the run exits non-zero, not successful
 
 
 if __name__ == "__main__":

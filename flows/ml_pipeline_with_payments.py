@@ -18,7 +18,11 @@ The payment story
    ``min_accuracy``. A skipped ``deploy`` locks nothing and pays nothing.
 4. ``end`` prints the payment summary (which stage failed and why; paid, refunded,
    left pending; a last ``RESULT:`` line) and renders the ledger as a Metaflow card
-   (``python flows/ml_pipeline_with_payments.py card view end``).
+   (``python flows/ml_pipeline_with_payments.py card view end``). A stage whose escrow
+   could not be created (refused, or the rate limit's wait ran past
+   ``PF_ESCROW_MAX_WAIT``) did not run and was not paid: the summary lists it ``UNPAID``
+   with the reason and ends ``RESULT: UNPAID: …``, and ``end`` fails, so the run exits
+   non-zero.
 
 The routing steps use Metaflow's conditional transitions
 (``self.next({...}, condition=...)``, Metaflow 2.18 or later; supported by the
@@ -42,7 +46,7 @@ ag_…`` is required; on the sandbox it defaults to the built-in worker.
 from metaflow import FlowSpec, JSONType, Parameter, card, catch, current, step
 
 from pf_metaflow import format_table, pf_escrow_step, sandbox_or_required_agent
-from pf_metaflow.card import append_ledger_card, end_summary
+from pf_metaflow.card import append_ledger_card, end_summary, fail_if_unpaid
 from pf_metaflow.params import USDC
 from pf_metaflow.preflight import PreflightError, preflight
 from workloads import (
@@ -188,6 +192,7 @@ class MLPipelineWithPayments(FlowSpec):
         self.summary = end_summary(self.pf_ledger, errors, outcome=outcome)
         print(self.summary)
         append_ledger_card(current.card, self.pf_ledger, summary=self.summary)
+        fail_if_unpaid(self.pf_ledger)  # unpaid work: the run exits non-zero, not successful
 
 
 if __name__ == "__main__":

@@ -14,23 +14,34 @@ service's own figures (``referral_usdc`` is None when the service did not say).
 Statuses: ``locked`` (funds held), ``released`` (paid to the agent),
 ``refunded`` (back to the payer), ``refund_pending`` (coming back by itself at
 ``expected_at``; the live service has no refund call), ``unknown`` (a create
-whose outcome could not be learned; ``reason`` says how to check).
+whose outcome could not be learned; ``reason`` says how to check), ``not_created`` (the
+service refused the create, or the rate limit's wait ran past ``PF_ESCROW_MAX_WAIT``: no
+escrow exists and nothing is locked, so the task's paid work did not run and nobody was
+paid; ``reason`` says why). A ``not_created`` entry moves no money: it counts in
+``totals()["not_created"]`` / ``["not_created_count"]`` (work not paid), never in what
+was locked, paid or refunded, and ``reconcile`` has nothing to settle for it. A later
+attempt of the same task that does lock an escrow supersedes it (same ``ref``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 from decimal import Decimal
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 from .money import ZERO, usdc_str
 
-STATUSES = ("locked", "released", "refunded", "refund_pending", "unknown")
+# A create that never took effect (refused by the service, or never sent because the rate
+# limit's wait ran past PF_ESCROW_MAX_WAIT): no escrow exists, nothing is locked, the task's
+# paid work went unpaid. Shown in every ledger, so an unpaid task is never silent.
+NOT_CREATED = "not_created"
+VOID = NOT_CREATED  # its former name, kept for callers
+_LEGACY_VOID = "void"  # what runs recorded before not_created existed (hidden then)
+
+STATUSES = ("locked", "released", "refunded", "refund_pending", "unknown", NOT_CREATED)
 OPEN_STATUSES = frozenset({"locked", "unknown", "refund_pending"})
-TOTAL_KEYS = ("locked", "released", "refunded", "refund_pending", "unknown", "fees", "net_paid")
-# A create the service refused outright: no escrow exists. Kept in task metadata
-# so the intent record written before the create is closed, never shown in ledgers.
-VOID = "void"
+TOTAL_KEYS = ("locked", "released", "refunded", "refund_pending", "unknown", NOT_CREATED, "fees",
+              "net_paid")
 
 Entry = dict[str, Any]
 
@@ -101,16 +112,26 @@ def merge(*ledgers: Iterable[Mapping[str, Any]] | None) -> list[Entry]:
     best: dict[str, Entry] = {}
     for ledger in ledgers:
         for entry in ledger or ():
+            if entry.get("status") == _LEGACY_VOID:
+                entry = {**entry, "status": NOT_CREATED}
             ref = entry["ref"]
             if ref not in best or _precedence(entry) > _precedence(best[ref]):
                 best[ref] = dict(entry)
-    kept = [e for e in best.values() if e.get("status") != VOID]
+    # An agent's create the service refused is a tool call answered with an error (the agent
+    # saw it), not paid work left undone: it moves nothing and stays off the ledger.
+    kept = [e for e in best.values() if not (e.get("status") == NOT_CREATED and "/agent/" in e["ref"])]
     return sorted(kept, key=lambda e: (e.get("created_at") or "", e["ref"]))
+
+
+def unpaid(entries: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Entries of tasks whose escrow was never created: their paid work did not run, unpaid."""
+    return [e for e in entries if e.get("status") == NOT_CREATED]
 
 
 # Two writers may record the same seq (a task and a forced reconcile both settling what they
 # saw): the later state wins, then the more settled one, then the one that names who settled.
-_SETTLEDNESS = {"unknown": 0, "locked": 1, "refund_pending": 2, VOID: 3, "refunded": 4, "released": 5}
+_SETTLEDNESS = {"unknown": 0, "locked": 1, "refund_pending": 2, NOT_CREATED: 3, "refunded": 4,
+                "released": 5}
 
 
 def _precedence(entry: Mapping[str, Any]) -> tuple:
@@ -119,13 +140,21 @@ def _precedence(entry: Mapping[str, Any]) -> tuple:
 
 
 def totals(entries: Iterable[Mapping[str, Any]]) -> dict[str, Decimal]:
-    """Sums by outcome. ``fees`` counts commissions charged or due; ``net_paid`` what agents got."""
+    """Sums by outcome. ``fees`` counts commissions charged or due; ``net_paid`` what agents got.
+
+    ``not_created`` is the amount of paid work that went unpaid because its escrow was never
+    created (nothing was locked: it is not money moved), and ``not_created_count`` how many
+    tasks that was (a whole number, as a Decimal).
+    """
     out = {k: ZERO for k in TOTAL_KEYS}
+    out["not_created_count"] = ZERO
     for e in entries:
         status = e.get("status")
         amount = Decimal(e["amount_usdc"])
         if status in out:
             out[status] += amount
+        if status == NOT_CREATED:
+            out["not_created_count"] += 1
         out["fees"] += Decimal(e.get("fee_usdc") or "0")
         out["net_paid"] += Decimal(e.get("net_usdc") or "0")
     return out
@@ -154,7 +183,8 @@ def to_json(run: str, entries: list[Mapping[str, Any]]) -> dict[str, Any]:
     return {
         "run": run,
         "entries": [dict(e) for e in entries],
-        "totals": {k: usdc_str(t[k]) for k in TOTAL_KEYS},
+        "totals": {**{k: usdc_str(t[k]) for k in TOTAL_KEYS},
+                   "not_created_count": int(t["not_created_count"])},
     }
 
 
@@ -194,7 +224,7 @@ def headers() -> list[str]:
 
 def total_lines(entries: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     t = totals(entries)
-    return [
+    lines = [
         ("released (paid)", usdc_str(t["released"])),
         ("refunded", usdc_str(t["refunded"])),
         ("refund pending", usdc_str(t["refund_pending"])),
@@ -203,6 +233,28 @@ def total_lines(entries: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
         ("fees", usdc_str(t["fees"])),
         ("net to agents", usdc_str(t["net_paid"])),
     ]
+    count = int(t["not_created_count"])
+    if count:
+        lines.append((f"not paid, no escrow created ({count} task{'s' if count != 1 else ''})",
+                      usdc_str(t[NOT_CREATED])))
+    return lines
+
+
+def unpaid_warning(entries: Iterable[Mapping[str, Any]]) -> Optional[str]:
+    """Lines naming the tasks whose paid work went unpaid (no escrow created) and why, or None."""
+    missing = unpaid(entries)
+    if not missing:
+        return None
+    n = len(missing)
+    why: dict[str, list[str]] = {}
+    for e in missing:
+        why.setdefault(str(e.get("reason") or "no reason recorded"), []).append(
+            str(e.get("shard") or e.get("step")))
+    lines = [f"WARNING: {n} paid task{'s' if n != 1 else ''} went unpaid: "
+             f"{', '.join(t for ts in why.values() for t in ts)}: no escrow could be created, so "
+             f"nothing was locked and {'their steps' if n != 1 else 'its step'} did not run"]
+    lines.extend(f"why ({', '.join(tasks)}): {reason}" for reason, tasks in why.items())
+    return "\n".join(lines)
 
 
 def format_table(entries: list[Mapping[str, Any]], *, title: str = "") -> str:
@@ -224,4 +276,7 @@ def format_table(entries: list[Mapping[str, Any]], *, title: str = "") -> str:
     out.append("")
     # Left-aligned: Metaflow strips leading spaces from task log lines.
     out.extend(f"{name}: {amount} USDC" for name, amount in total_lines(entries))
+    warning = unpaid_warning(entries)
+    if warning:
+        out.append(warning)
     return "\n".join(out)

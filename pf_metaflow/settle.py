@@ -31,7 +31,7 @@ from .errors import (
     ServerError,
     RateLimited,
 )
-from .ledger import VOID, Entry, advance, utcnow
+from .ledger import NOT_CREATED, Entry, advance, utcnow
 from .money import ZERO, usdc_str
 
 Recorder = Callable[[Entry], None]
@@ -61,6 +61,13 @@ class ReleaseFailed(SettlementError):
     """The agent could not be paid: the escrow is refunded, disputed, unknown or unreachable."""
 
     default_code = "release_failed"
+
+
+class ReleaseRateLimited(ReleaseFailed):
+    """The release was refused with 429 until the client's wait bound (``PF_ESCROW_MAX_WAIT``)
+    ran out: provably nothing happened, the escrow is still funded and its entry ``locked``."""
+
+    default_code = "release_rate_limited"
 
 
 class NotRecorded(SettlementError):
@@ -114,8 +121,9 @@ def open_escrow(client: EscrowClient, entry: Entry, record: Recorder = _noop) ->
     ``record`` sees the intent before the create is sent, so a process killed
     mid-create leaves a trace that the next attempt or ``reconcile`` can follow; if
     the intent cannot be recorded, nothing is sent. A create whose outcome is
-    unknown is recorded ``unknown`` and re-raised; one the service refused is
-    recorded void and re-raised. An escrow created whose ``locked`` record cannot
+    unknown is recorded ``unknown`` and re-raised; one that provably never took effect
+    (refused by the service, or a 429 wait past ``PF_ESCROW_MAX_WAIT``) is recorded
+    ``not_created`` with the reason, and re-raised. An escrow created whose ``locked`` record cannot
     be written is refunded at once (nobody could find it again) and
     :class:`NotRecorded` is raised.
     """
@@ -134,7 +142,7 @@ def open_escrow(client: EscrowClient, entry: Entry, record: Recorder = _noop) ->
             # An answer we cannot read may hide a yes: the funds may well be locked.
             _best_effort(record, advance(entry, status="unknown", reason=_unknown_reason(entry, exc.message)))
         else:
-            _best_effort(record, advance(entry, status=VOID, reason=f"create refused: {exc.message}"))
+            _best_effort(record, advance(entry, status=NOT_CREATED, reason=_not_created_reason(exc)))
         raise
     locked = _locked(entry, escrow)
     try:
@@ -158,6 +166,12 @@ def _best_effort(record: Recorder, entry: Entry) -> None:
 
 def _best_effort_recorder(record: Recorder) -> Recorder:
     return lambda entry: _best_effort(record, entry)
+
+
+def _not_created_reason(exc: PurpleFleaError) -> str:
+    if isinstance(exc, RateLimited):
+        return f"no escrow created (rate limited): {exc.message}"
+    return f"no escrow created (the service refused the create: {exc.code}): {exc.message}"
 
 
 def _unreadable_success(exc: ProtocolError) -> bool:
@@ -284,10 +298,16 @@ def release(client: EscrowClient, entry: Entry, record: Recorder = _noop, *, by:
         state = escrow.status if escrow is not None else "unreadable"
         why = (f"release failed ({exc.message}); the escrow is {state} on the service"
                + ("; disputed funds stay locked until Purple Flea reviews them" if state == "disputed" else ""))
+        failure = ReleaseFailed
+        if isinstance(exc, RateLimited) and state in ("funded", "completed"):
+            failure = ReleaseRateLimited
+            why += ("; the agent is not paid yet and the escrow stays locked: to pay it, "
+                    f"pf_metaflow.pf_release({entry['escrow_id']!r}); `pf-metaflow reconcile` then "
+                    "records the release, or, if nobody released it, gives it back")
         after = advance(entry, reason=why)
         _best_effort(record, after)
-        raise ReleaseFailed(f"could not pay {entry['recipient']} from escrow {entry['escrow_id']}: {why}",
-                            after) from None
+        raise failure(f"could not pay {entry['recipient']} from escrow {entry['escrow_id']}: {why}",
+                      after) from None
     done = _settled(entry, settlement, None, by)
     _best_effort(record, done)
     return done
@@ -302,12 +322,12 @@ def refund(client: EscrowClient, entry: Entry, reason: str, record: Recorder = _
     the entry keeps its open status, with the failure in ``reason``, for ``reconcile``.
     """
     status = entry.get("status")
-    if status in ("released", "refunded", VOID):
+    if status in ("released", "refunded", NOT_CREATED):
         return entry
     try:
         if status == "unknown" and not entry.get("escrow_id"):
             entry = _recover_unknown(client, entry, record)
-            if entry.get("status") in ("unknown", VOID):
+            if entry.get("status") in ("unknown", NOT_CREATED):
                 return entry
         if entry.get("status") == "refund_pending":
             return _recheck_pending(client, entry, record)
@@ -378,7 +398,8 @@ def _recover_unknown(client: EscrowClient, entry: Entry, record: Recorder) -> En
         raise
     except PurpleFleaError as exc:
         # Refused now means it never happened: a replay would have returned the first answer.
-        void = advance(entry, status=VOID, reason=f"create never took effect: {exc.message}")
+        void = advance(entry, status=NOT_CREATED, reason=f"no escrow created: the create never took "
+                                                          f"effect ({exc.message})")
         _best_effort(record, void)
         return void
     locked = _locked(entry, escrow)

@@ -44,6 +44,7 @@ class TaskEscrow:
         self._log = log
         self.entry: Optional[Entry] = None
         self.release_tried = False
+        self.release_rate_limited = False
         self.held_for_retry = False
 
     # -- what earlier attempts left ---------------------------------------------------
@@ -94,6 +95,15 @@ class TaskEscrow:
                     f"this task's {where} is refund_pending ({entry.get('reason')}); its "
                     f"{entry['amount_usdc']} USDC is still held until then, and locking again would "
                     "exceed the step's budget", entry)
+            if status == ledger_mod.NOT_CREATED:
+                # Nothing was ever locked: try the create again under the same entry, its
+                # records numbered after the not_created one, so a success supersedes it.
+                self._log(f"[pf-metaflow] attempt {entry['attempt']} created no escrow "
+                          f"({entry.get('reason')}); attempt {self.attempt} tries again")
+                generation = _generation(entry["ref"])
+                intent = dict(build(entry["ref"], generation), seq=int(entry.get("seq", 0)) + 1)
+                self.entry = settle.open_escrow(self._client(), intent, self._write)
+                return self.entry
             self._log(f"[pf-metaflow] {where} is {status}; attempt {self.attempt} locks a new one")
         generation = self._generation_after() if earlier is not None else 1
         ref = self.task_ref if generation == 1 else f"{self.task_ref}#{generation}"
@@ -111,6 +121,9 @@ class TaskEscrow:
                 self.entry = settle.release(self._client(), entry, self._write_best_effort, by=self.attempt)
             except settle.SettlementError as exc:
                 self.entry = exc.entry
+                # A release refused with 429 past the wait bound provably did nothing: the work
+                # is done, so its escrow is kept locked (not refunded) for a person or reconcile.
+                self.release_rate_limited = isinstance(exc, settle.ReleaseRateLimited)
                 raise
         else:
             self.entry = settle.refund(self._client(), entry, why, self._write_best_effort, by=self.attempt)
@@ -118,7 +131,9 @@ class TaskEscrow:
 
     def fail(self, reason: str, *, final: bool) -> Optional[Entry]:
         """The attempt failed. Not final: hold the escrow for the next attempt. Final: give back
-        what is still held (looking first where a release may have happened)."""
+        what is still held (looking first where a release may have happened), except an
+        escrow whose release was rate limited past the wait bound: the work was done, so it
+        stays ``locked`` for ``pf_release`` or ``reconcile``."""
         entry = self.entry
         adopted = False
         if entry is None:  # failed before locking, or @catch's fallback after a killed attempt
@@ -127,6 +142,11 @@ class TaskEscrow:
         if entry is None or entry["status"] not in ledger_mod.OPEN_STATUSES:
             self.entry = entry
             return entry
+        if final and self.release_rate_limited and entry["status"] == "locked":
+            self.entry = advance(entry, reason=f"{entry.get('reason')} (kept locked when the task "
+                                               "failed: its work was done)")
+            self._write_best_effort(self.entry)
+            return self.entry
         if not final:
             self.held_for_retry = True
             self.entry = advance(entry, reason=f"attempt {self.attempt} failed ({reason}); held for the "

@@ -153,7 +153,8 @@ def test_the_search_really_read_artifacts_metadata_logs_and_cards(key_run):
     by_label = {e["label"]: e for e in ledger["entries"]}
     assert by_label["good work"]["status"] == "released"
     assert by_label["bad work"]["status"] == "refunded"
-    assert "too dear" not in by_label  # refused: no escrow, nothing to show
+    assert by_label["too dear"]["status"] == "not_created"  # refused: no escrow, unpaid work shown
+    assert by_label["too dear"]["escrow_id"] is None
     escrow_id = by_label["good work"]["escrow_id"]
     ids = encoded_forms(escrow_id)
     files = corpus(root)

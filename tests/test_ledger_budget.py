@@ -32,8 +32,43 @@ def test_merge_keeps_the_most_advanced_state_of_each_escrow():
     assert ledger_mod.merge([released], [locked]) == ledger_mod.merge([locked], [released])
 
 
-def test_merge_drops_creates_that_never_happened():
-    assert ledger_mod.merge([entry("F/1/a/1/0", status=ledger_mod.VOID, seq=1)]) == []
+def test_merge_keeps_creates_that_never_happened_as_unpaid_work():
+    refused = entry("F/1/a/1/0", status=ledger_mod.NOT_CREATED, seq=1, reason="no escrow created (rate limited)")
+    assert [(e["status"], e["reason"]) for e in ledger_mod.merge([refused])] == [
+        ("not_created", "no escrow created (rate limited)")]
+    assert ledger_mod.unpaid(ledger_mod.merge([refused])) == [refused]
+
+
+def test_a_void_record_of_an_older_run_reads_as_not_created():
+    [merged] = ledger_mod.merge([entry("F/1/a/1/0", status="void", seq=1)])
+    assert merged["status"] == "not_created"
+
+
+def test_a_later_create_of_the_same_task_supersedes_its_not_created_record():
+    refused = entry("F/1/a/1/0", status="not_created", seq=1)
+    retried = [entry("F/1/a/1/0", status="unknown", seq=2), entry("F/1/a/1/0", status="locked", seq=3),
+               entry("F/1/a/1/0", status="released", seq=4)]
+    for upto in range(1, 4):
+        [merged] = ledger_mod.merge([refused], retried[:upto])
+        assert merged["status"] == retried[upto - 1]["status"]
+
+
+def test_not_created_counts_as_work_not_paid_never_as_money_moved():
+    entries = [entry("F/1/a/1/0", amount="2.000000", fee_usdc="0.020000", net_usdc="1.980000"),
+               entry("F/1/b/2/0", status="not_created", amount="1.500000", shard="b[0]", reason="rate limited"),
+               entry("F/1/b/3/0", status="not_created", amount="0.500000", shard="b[1]", reason="rate limited")]
+    t = ledger_mod.totals(entries)
+    assert (t["not_created"], t["not_created_count"]) == (Decimal("2.000000"), 2)
+    assert (t["released"], t["locked"], t["refunded"], t["fees"], t["net_paid"]) == (
+        Decimal("2"), 0, 0, Decimal("0.02"), Decimal("1.98"))
+    doc = ledger_mod.to_json("F/1", entries)["totals"]
+    assert doc["not_created"] == "2.000000" and doc["not_created_count"] == 2
+    text = ledger_mod.format_table(entries)
+    assert "not paid, no escrow created (2 tasks): 2.000000 USDC" in text
+    assert "WARNING: 2 paid tasks went unpaid: b[0], b[1]: no escrow could be created" in text
+    assert "why (b[0], b[1]): rate limited" in text
+    assert "not_created" in text
+    assert "WARNING" not in ledger_mod.format_table(entries[:1])
 
 
 @given(st.permutations(range(6)))
@@ -54,7 +89,8 @@ def test_totals_sum_each_outcome_and_the_fees():
     ]
     t = ledger_mod.to_json("F/1", entries)["totals"]
     assert t == {"locked": "0.500000", "released": "2.500000", "refunded": "1.000000",
-                 "refund_pending": "3.000000", "unknown": "0.000000", "fees": "0.055000", "net_paid": "2.475000"}
+                 "refund_pending": "3.000000", "unknown": "0.000000", "not_created": "0.000000",
+                 "not_created_count": 0, "fees": "0.055000", "net_paid": "2.475000"}
 
 
 def test_escrow_map_names_foreach_shards_and_keeps_the_last_attempt():
@@ -81,6 +117,45 @@ def test_ledger_card_has_a_table_of_entries_and_one_of_totals():
     assert len(tables) == 2
     rendered = "".join(str(c.render()) for c in components)
     assert "esc_c" in rendered and "released (paid)" in rendered
+
+
+def test_ledger_card_and_end_summary_name_unpaid_work_and_why():
+    from pf_metaflow.card import end_summary, ledger_card
+
+    entries = [entry("F/1/score/2/0", shard="score[0]", escrow_id="esc_a", fee_usdc="0.010000",
+                     net_usdc="0.990000"),
+               entry("F/1/score/3/0", shard="score[1]", status="not_created",
+                     reason="no escrow created (rate limited): create escrow: still full; raise PF_ESCROW_MAX_WAIT")]
+    rendered = "".join(str(c.render()) for c in ledger_card(entries))
+    assert "WARNING: 1 paid task went unpaid: score[1]" in rendered and "not_created" in rendered
+    assert "not paid, no escrow created (1 task)" in rendered and "raise PF_ESCROW_MAX_WAIT" in rendered
+    lines = end_summary(entries, outcome="Batch").splitlines()
+    assert lines[-1] == "RESULT: UNPAID: no escrow could be created for score[1]"
+    assert lines[-2].startswith("WARNING: paid work went unpaid: 1 task (score[1]) did not run because no "
+                                "escrow could be created for it (the escrow service's rate limit)")
+    assert any(line.startswith("  UNPAID score[1]: no escrow was created, nothing was locked") and
+               "raise PF_ESCROW_MAX_WAIT" in line for line in lines)
+    assert ", not paid (no escrow created) 1.000000 USDC" in lines[-3]
+    assert end_summary(entries[:1]).splitlines()[-1] == "RESULT: OK: all paid work succeeded and was paid"
+
+
+def test_an_unpaid_stage_caught_by_catch_is_listed_unpaid_not_failed():
+    from pf_metaflow.card import end_summary
+
+    entries = [entry("F/1/ingest/2/0", status="not_created", reason="no escrow created (the service "
+                     "refused the create: insufficient_balance): not enough")]
+    lines = end_summary(entries, {"ingest": RuntimeError("could not lock"), "train": None}).splitlines()
+    assert lines[-1] == "RESULT: UNPAID: no escrow could be created for ingest"
+    assert not any("FAILED ingest" in line for line in lines)
+    assert "(the escrow service's rate limit)" not in lines[-2]
+
+
+def test_fail_if_unpaid_fails_the_step_only_when_work_went_unpaid():
+    from pf_metaflow.card import PfUnpaidWork, fail_if_unpaid
+
+    fail_if_unpaid([entry("F/1/a/1/0")])
+    with pytest.raises(PfUnpaidWork, match=r"1 paid task went unpaid \(a\)"):
+        fail_if_unpaid([entry("F/1/a/1/0"), entry("F/1/a/2/0", status="not_created")])
 
 
 # -- budgets ---------------------------------------------------------------------------------

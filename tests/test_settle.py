@@ -78,8 +78,10 @@ def test_create_the_service_refused_leaves_no_ledger_entry(live, live_client):
     records = []
     with pytest.raises(InsufficientFunds):
         settle.open_escrow(live_client, entry(), records.append)
-    assert records[-1]["status"] == ledger_mod.VOID
-    assert ledger_mod.merge(records) == []
+    assert records[-1]["status"] == ledger_mod.NOT_CREATED
+    [unpaid] = ledger_mod.merge(records)  # kept, so the unpaid work is seen
+    assert unpaid["escrow_id"] is None and "insufficient_balance" in unpaid["reason"]
+    assert ledger_mod.totals([unpaid])["locked"] == 0
 
 
 def test_refund_of_an_unknown_create_without_idempotency_stays_unknown(live, live_client):
@@ -149,8 +151,8 @@ def test_refunding_twice_changes_nothing_the_second_time(sandbox):
 def test_unknown_create_the_server_now_refuses_is_void_not_an_error(sandbox):
     lost = entry(recipient="ag_sandbox_worker", status="unknown", amount_usdc="2000000.000000")
     out = settle.refund(sandbox, lost, "task died mid-create")
-    assert out["status"] == ledger_mod.VOID and "never took effect" in out["reason"]
-    assert ledger_mod.merge([out]) == []
+    assert out["status"] == ledger_mod.NOT_CREATED and "never took effect" in out["reason"]
+    assert [e["status"] for e in ledger_mod.merge([out])] == [ledger_mod.NOT_CREATED]
 
 
 def test_refund_that_cannot_reach_the_server_keeps_the_entry_open_for_reconcile(live, live_client, monkeypatch):
