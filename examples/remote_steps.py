@@ -22,7 +22,9 @@ is already in the environment.
 The key is never passed as a Parameter or put in an ``@environment`` value:
 both are stored with the run (and ``@environment`` values land in the job spec)
 for anyone who can read it. Without ``PF_ESCROW_URL`` each remote container would
-use its own embedded sandbox, which is pointless: use a reachable escrow service.
+use its own embedded sandbox, so the run is refused before any task starts (as it is
+with local metadata: use ``--metadata service``); see docs/deploy.md, also for deploying
+to Argo Workflows with the key in a Kubernetes secret (``examples/deploy_argo.sh``).
 """
 
 import os

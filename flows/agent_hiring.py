@@ -95,7 +95,7 @@ class AgentHiringFlow(FlowSpec):
     agent_wallet = Parameter(
         "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="The orchestrating agent (ag_…) paid its fee for the hire step. Default on the sandbox: "
-             "ag_sandbox_worker; required on the live service.")
+             "its built-in worker; required on the live service.")
     sub_agents = Parameter("sub_agents", default="",
                            help="Two comma-separated agent ids to hire. Default on a sandbox: two registered there.")
     total_budget_usdc = Parameter("total_budget_usdc", type=USDC, default="4.00",

@@ -58,7 +58,7 @@ class BatchShardsFlow(FlowSpec):
         # to pick a payee when PF_ESCROW_URL points at the live service.
         "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="Purple Flea agent id (ag_…) paid per shard. Default on the sandbox: "
-             "ag_sandbox_worker; required on the live service.",
+             "its built-in worker; required on the live service.",
     )
     total_budget_usdc = Parameter("total_budget_usdc", type=USDC, default="5.00",
                                   help="USDC for the whole batch, split evenly over the shards.")

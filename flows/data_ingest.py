@@ -64,7 +64,7 @@ class DataIngestBountyFlow(FlowSpec):
         # to pick a payee when PF_ESCROW_URL points at the live service.
         "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="Purple Flea agent id (ag_…) of the data agent. Default on the sandbox: "
-             "ag_sandbox_worker; required on the live service.",
+             "its built-in worker; required on the live service.",
     )
     step_budget = Parameter("step_budget", type=USDC, default="1.50", help="USDC paid for a clean delivery.")
     data_path = Parameter(

@@ -73,7 +73,7 @@ class MLPipelineWithPayments(FlowSpec):
         # to pick a payee when PF_ESCROW_URL points at the live service.
         "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="Purple Flea agent id (ag_…) paid for each stage. Default on the sandbox: "
-             "ag_sandbox_worker; required on the live service.",
+             "its built-in worker; required on the live service.",
     )
     total_budget_usdc = Parameter("total_budget_usdc", type=USDC, default="12.00",
                                   help="USDC for the whole run, split over the stages by step_weights.")

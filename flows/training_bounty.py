@@ -53,7 +53,7 @@ class TrainingBountyFlow(FlowSpec):
         # to pick a payee when PF_ESCROW_URL points at the live service.
         "agent_wallet", default=sandbox_or_required_agent, show_default=False,
         help="Purple Flea agent id (ag_…) paid for training. Default on the sandbox: "
-             "ag_sandbox_worker; required on the live service.",
+             "its built-in worker; required on the live service.",
     )
     step_budget = Parameter("step_budget", type=USDC, default="3.00", help="USDC locked for the training bounty.")
     min_accuracy = Parameter(

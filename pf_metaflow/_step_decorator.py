@@ -126,6 +126,8 @@ class PfEscrowStepDecorator(StepDecorator):
             _check_budget_keys(flow, graph)
         except (InvalidAmount, InvalidAgentId, BudgetError, terms.TermsError) as exc:
             raise PfEscrowStepException(f"step *{step_name}*: {exc.message}") from None
+        from . import remote  # remote compute needs a shared escrow and metadata (issue 12)
+        remote.check(step_name, decorators, billed=self._billed)
         self._has_timeout = any(d.name == "timeout" for d in decorators)
         self._retry_wait = _retry_wait_seconds(decorators)
         _attach_join_mergers(flow, graph)
@@ -145,6 +147,12 @@ class PfEscrowStepDecorator(StepDecorator):
                 "@parallel steps run one task per node with a shared id; pay for them in the "
                 "step that launches them"
             )
+
+    def add_to_package(self):
+        # Remote tasks import pf_metaflow: the code package carries it (issue 12).
+        from . import remote
+
+        return remote.package_contents()
 
     # -- task time ----------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ SANDBOX_WORKER = "ag_sandbox_worker"
 def check_agent_id(value: object, *, name: str = "agent_wallet") -> str:
     """Return ``value`` if it is a Purple Flea agent id (``ag_…``), else raise InvalidAgentId."""
     if not isinstance(value, str) or not value.strip():
-        raise InvalidAgentId(f"{name} is empty: give a Purple Flea agent id such as ag_sandbox_worker")
+        raise InvalidAgentId(f"{name} is empty: give a Purple Flea agent id (ag_…); a compiled deployment "
+                             "carries no default payee, so pass it when you trigger it (--agent_wallet ag_…)")
     if value.startswith("0x"):
         raise InvalidAgentId(
             f"{name} {value!r} looks like an on-chain wallet address; Purple Flea escrow pays "

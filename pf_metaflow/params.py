@@ -11,9 +11,11 @@ from metaflow._vendor import click
 
 from .errors import InvalidAmount
 from .ids import SANDBOX_WORKER
-from .money import parse_usdc
+from .money import parse_usdc, usdc_str
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+# The agent_wallet default a compiled deployment carries: none (given at trigger time).
+DEPLOY_TIME_AGENT = ""
 
 
 def is_sandbox_url(url: str | None) -> bool:
@@ -35,7 +37,17 @@ def sandbox_or_required_agent(context: Any = None, deploy_time: bool = False) ->
 
         agent_wallet = Parameter("agent_wallet", default=sandbox_or_required_agent,
                                  show_default=False, help="the agent paid (ag_…)")
+
+    Compiling a deployment (``argo-workflows create``, ``step-functions create``: Metaflow
+    calls this with ``deploy_time=True``) bakes no payee in, whatever ``PF_ESCROW_URL``
+    says on the compiling machine: the default is empty, so the payee is given when the
+    deployment is triggered (``trigger --agent_wallet ag_…``); left empty, preflight in
+    ``start`` stops the run before any money moves. (A sandbox worker baked in as the
+    deployment's default would be paid by a deployment that runs against the live service;
+    a refusal here would make every live deployment impossible to compile.)
     """
+    if deploy_time:
+        return DEPLOY_TIME_AGENT
     url = os.environ.get("PF_ESCROW_URL")
     if is_sandbox_url(url):
         return SANDBOX_WORKER
@@ -79,12 +91,28 @@ class UsdcParamType(click.ParamType):
         if isinstance(value, float):
             value = repr(value)  # the shortest text that reads back as this float: 12.1 -> "12.1"
         try:
-            return parse_usdc(value, name=f"--{param.name}" if param is not None else "amount")
+            amount = parse_usdc(value, name=f"--{param.name}" if param is not None else "amount")
         except InvalidAmount as exc:
             self.fail(exc.message, param, ctx)
+        if _triggering_a_deployment(ctx):
+            # `argo-workflows trigger` / `step-functions trigger` send parameter values as JSON
+            # (json.dumps, which takes no Decimal); the task's `init` reads the text back exactly.
+            return usdc_str(amount)
+        return amount
 
     def __repr__(self) -> str:
         return "USDC"
 
 
+def _triggering_a_deployment(ctx: Any) -> bool:
+    """True when Click is parsing ``<deployer> trigger`` (e.g. ``argo-workflows trigger``)."""
+    if ctx is None or getattr(ctx, "info_name", None) != "trigger":
+        return False
+    parent = getattr(ctx, "parent", None)
+    return parent is not None and getattr(parent, "info_name", None) not in (None, "run", "resume")
+
+
 USDC = UsdcParamType()
+# Deployment compilers name a Parameter's type by ``type.__name__`` (Argo Workflows records it
+# with the parameter); a Click type instance has none of its own.
+USDC.__name__ = "USDC"

@@ -1,0 +1,1 @@
+"""Helpers for the ``distributed`` test tier: Metaflow's production topology on one machine."""
