@@ -22,6 +22,7 @@ from metaflow.exception import MetaflowException
 from metaflow.plugins.cards.card_modules.card import MetaflowCard
 
 from . import ledger as ledger_mod
+from .ledger import ordered, shorten  # noqa: F401 - part of this module's API too
 from .money import usdc_str
 
 CARD_TYPE = "pf_ledger"
@@ -30,11 +31,6 @@ REASON_CHARS = 160  # the full reason is in the ledger; the card keeps it to a l
 # card page keeps ~800 px for content): fees are in the totals, reasons listed below.
 _CARD_COLUMNS = (("step", "step"), ("attempt", "try"), ("status", "status"), ("amount_usdc", "amount"),
                  ("net_usdc", "net"), ("escrow_id", "escrow"))
-
-
-def shorten(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters, ending in "…" when it was cut."""
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 _LONG_FLOAT = re.compile(r"(?<![\w.])(\d+\.\d{5,})(?![\w.])")
@@ -47,21 +43,6 @@ def readable(reason: str) -> str:
         text = m.group(1)
         return text if len(text.split(".")[1]) == 6 else f"{float(text):.4f}"
     return _LONG_FLOAT.sub(four, reason)
-
-
-def _shard_order(entry: Mapping[str, Any]) -> tuple:
-    shard = entry.get("shard") or ""
-    index = shard.rsplit("[", 1)[1].rstrip("]") if "[" in shard else ""
-    return (entry.get("step") or "", int(index) if index.isdigit() else -1, str(entry.get("attempt") or ""))
-
-
-def ordered(entries: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Entries in run order, foreach shards by index (``score[2]`` before ``score[10]``)."""
-    entries = list(entries)
-    first = {}
-    for i, e in enumerate(entries):
-        first.setdefault(e.get("step"), i)
-    return sorted(entries, key=lambda e: (first[e.get("step")],) + _shard_order(e))
 
 
 def card_rows(entries: Iterable[Mapping[str, Any]]) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """The Purple Flea escrow client: one API over two transports.
 
-``EscrowClient`` speaks the live wire protocol of DESIGN.md over HTTP (the live service,
+``EscrowClient`` speaks the live wire protocol of docs/design.md over HTTP (the live service,
 or ``pf-metaflow sandbox serve``: :mod:`pf_metaflow._http`) or calls the SQLite sandbox
 engine in-process (the default when ``PF_ESCROW_URL`` is unset: :mod:`pf_metaflow._embedded`).
 What the service's answers mean is read in :mod:`pf_metaflow.answers`; what is retried

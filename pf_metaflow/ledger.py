@@ -257,15 +257,35 @@ def unpaid_warning(entries: Iterable[Mapping[str, Any]]) -> Optional[str]:
     return "\n".join(lines)
 
 
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "…" when it was cut."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _shard_order(entry: Mapping[str, Any]) -> tuple:
+    shard = entry.get("shard") or ""
+    index = shard.rsplit("[", 1)[1].rstrip("]") if "[" in shard else ""
+    return (entry.get("step") or "", int(index) if index.isdigit() else -1, str(entry.get("attempt") or ""))
+
+
+def ordered(entries: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Entries in run order, foreach shards by index (``score[2]`` before ``score[10]``)."""
+    entries = list(entries)
+    first = {}
+    for i, e in enumerate(entries):
+        first.setdefault(e.get("step"), i)
+    return sorted(entries, key=lambda e: (first[e.get("step")],) + _shard_order(e))
+
+
 def format_table(entries: list[Mapping[str, Any]], *, title: str = "") -> str:
     """A plain-text table with totals, for terminals and logs."""
     head = headers()
-    body = rows(entries)
+    body = rows(ordered(entries))
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(head)]
     widths[-1] = min(widths[-1], 60)
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return "  ".join(shorten(c, w).ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     out = [title] if title else []
     out.append(line(head))

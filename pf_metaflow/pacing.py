@@ -47,7 +47,7 @@ log = logging.getLogger("pf_metaflow.client")
 
 T = TypeVar("T")
 
-DEFAULT_WINDOW = 60.0  # the live service's documented window (DESIGN.md, "Rate limits")
+DEFAULT_WINDOW = 60.0  # the live service's documented window (docs/design.md, "Rate limits")
 _LIMIT_RE = re.compile(r"limit:\s*(\d+)\s*(?:requests?\s*)?per\s*(\d+(?:\.\d+)?)\s*s", re.I)
 
 

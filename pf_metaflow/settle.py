@@ -1,4 +1,4 @@
-"""Settling escrow: the rules of docs/DESIGN (shared/DESIGN.md), over an escrow client, no Metaflow.
+"""Settling escrow: the rules of docs/design.md, over an escrow client, no Metaflow.
 
 Each function takes a ledger entry and returns its next state, after calling
 ``record(entry)`` for every state it reaches, so the caller can write it down

@@ -1,6 +1,6 @@
 """One billable task's escrow, as one of its attempts sees it (no Metaflow in here).
 
-A task has one escrow, shared by its attempts (shared/DESIGN.md, settlement rule 1).
+A task has one escrow, shared by its attempts (docs/design.md, settlement rule 1).
 The first attempt that needs it creates it; a later attempt (after an exception, a
 failed persist, or a hard kill) adopts it instead of creating another. The escrow is
 released once, when an attempt succeeds; refunded only when the task has finally

@@ -1,6 +1,6 @@
 """Creates paced to a live-like rate limit: ``pf-metaflow sandbox serve --live``.
 
-Live's limiter (DESIGN.md, "Rate limits"): a fixed window opening with the first request,
+Live's limiter (docs/design.md, "Rate limits"): a fixed window opening with the first request,
 counting every request, 429 ``{"error": "rate_limited", "message": "Too many requests.
 Limit: N per Ss"}`` and no ``Retry-After``. The client waits for the window the message
 names (:mod:`pf_metaflow.retries`), and the processes sharing a URL and key share one

@@ -1,7 +1,7 @@
 """The escrow client on the wire: every request it sends and every answer it understands.
 
 requests-mock stands in for the service (nothing leaves the process). The answers are
-the live service's (DESIGN.md), including its ``_info`` noise.
+the live service's (docs/design.md), including its ``_info`` noise.
 """
 
 from __future__ import annotations

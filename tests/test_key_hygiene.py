@@ -1,4 +1,4 @@
-"""The API key never appears in anything a run leaves behind (DESIGN.md, rule 7).
+"""The API key never appears in anything a run leaves behind (docs/design.md, settlement rules).
 
 A flow pays through ``pf-metaflow sandbox serve`` with a freshly registered agent's
 key: one step is paid, one fails under ``@catch`` (an exception object is stored as

@@ -220,3 +220,18 @@ def test_budget_for_reads_the_shard_allowance_inside_a_foreach():
 def test_a_foreach_step_whose_budget_was_not_split_is_refused():
     with pytest.raises(BudgetError, match="call allot_shards"):
         budget_mod.budget_for({"steps": {"score": "1.000000"}, "shards": {}}, "score", 0)
+
+
+def test_terminal_table_orders_shards_by_index_and_marks_cut_reasons():
+    from pf_metaflow import ledger as ledger_mod
+
+    entries = []
+    for i in (10, 2, 1):
+        e = ledger_mod.new_entry(ref=f"F/1/score/{i}", run="F/1", step="score", task=str(i), attempt=0,
+                                 recipient="ag_worker1", amount_usdc=Decimal("1"), description="score it",
+                                 shard=f"score[{i}]")
+        entries.append({**e, "status": "refunded", "reason": "the shard failed: " + "x" * 80})
+    lines = ledger_mod.format_table(entries).splitlines()
+    shards = [line.split()[0] for line in lines if line.startswith("score[")]
+    assert shards == ["score[1]", "score[2]", "score[10]"]
+    assert all(line.endswith("…") for line in lines if line.startswith("score["))

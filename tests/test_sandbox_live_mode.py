@@ -1,6 +1,6 @@
 """``pf-metaflow sandbox serve --live``: a real server process that behaves like live.
 
-Live's facts (shared/DESIGN.md, "Rate limits"): a fixed window that opens with a bucket's
+Live's facts (docs/design.md, "Rate limits"): a fixed window that opens with a bucket's
 first request and counts every request, refused ones too; buckets keyed on the request
 path and the first ``X-Forwarded-For`` address (else ``X-Real-IP``, else one shared bucket);
 creates limited per client, release / complete / dispute per escrow path; over the limit

@@ -1,4 +1,4 @@
-"""The settlement rules (DESIGN.md) on their own: against a simulated live service and the embedded sandbox."""
+"""The settlement rules (docs/design.md) on their own: against a simulated live service and the embedded sandbox."""
 
 from __future__ import annotations
 

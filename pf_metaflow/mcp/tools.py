@@ -1,6 +1,6 @@
 """The live Purple Flea escrow MCP tool set, as data (no MCP SDK needed to read it).
 
-Names, argument names, result and error shapes are the live server's (shared/DESIGN.md,
+Names, argument names, result and error shapes are the live server's (docs/design.md,
 "MCP"): streamable HTTP at ``/mcp``, stateless; a result is one text content holding
 the HTTP API's JSON; an error is ``isError: true`` with JSON ``{error, message}`` using
 the HTTP API's codes. The key travels as the ``casino_api_key`` argument, so an LLM that
