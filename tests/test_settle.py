@@ -10,7 +10,7 @@ import requests
 from pf_metaflow import ledger as ledger_mod
 from pf_metaflow import settle
 from pf_metaflow.client import EscrowClient
-from pf_metaflow.errors import AmbiguousOutcome, InsufficientFunds, ProtocolError
+from pf_metaflow.errors import AmbiguousOutcome, InsufficientFunds
 
 LIVE = "https://escrow.purpleflea.com"
 KEY = "pf_live_placeholder0000"

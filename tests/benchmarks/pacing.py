@@ -41,7 +41,7 @@ def _worker(url: str, shards: list, max_wait: float, out) -> None:
     for shard in shards:
         statuses: list = []
         session = requests.Session()
-        session.hooks["response"].append(lambda r, *a, **k: statuses.append(r.status_code))
+        session.hooks["response"].append(lambda r, *a, _seen=statuses, **k: _seen.append(r.status_code))
         client = EscrowClient(url, PAYER_KEY, max_wait=max_wait, session=session)
         try:
             client.create(AMOUNT, counterparty_agent_id=WORKER, description=f"bench shard {shard}")
@@ -53,9 +53,10 @@ def _worker(url: str, shards: list, max_wait: float, out) -> None:
     out.put((os.getpid(), results))
 
 
-def _serve(db: str, rate: str) -> tuple[subprocess.Popen, str]:
+def serve_live(db, rate: str) -> tuple[subprocess.Popen, str]:
+    """`pf-metaflow sandbox serve --live --create-rate RATE` on a free port: (process, URL)."""
     cmd = [sys.executable, "-m", "pf_metaflow", "sandbox", "serve", "--live", "--create-rate", rate,
-           "--port", "0", "--db", db]
+           "--port", "0", "--db", str(db)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                stdin=subprocess.DEVNULL, text=True, env=env)
@@ -88,7 +89,7 @@ def main() -> int:
 
     workdir = tempfile.mkdtemp(prefix="pf-pacing-bench-")
     os.environ["PF_ESCROW_PACING_DIR"] = os.path.join(workdir, "pacing")  # a fresh shared window
-    process, url = _serve(os.path.join(workdir, "escrow.db"), args.rate)
+    process, url = serve_live(os.path.join(workdir, "escrow.db"), args.rate)
     try:
         shards = list(range(args.shards))
         chunks = [shards[i::args.processes] for i in range(args.processes)]

@@ -34,28 +34,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import requests
+from pacing import serve_live  # the live-like sandbox server, started the same way as there
 
 REPO = Path(__file__).resolve().parents[2]
 FLOWS = REPO / "flows"
 PAYER_KEY = "pf_sandbox_payer_key"  # the sandbox's built-in test payer (test money)
 DECORATOR_LINE = '    @pf_escrow_step(agent_wallet="agent_wallet")\n'
-
-
-def serve(db: Path, rate: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "pf_metaflow", "sandbox", "serve", "--live", "--create-rate", rate,
-           "--port", "0", "--db", str(db)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               stdin=subprocess.DEVNULL, text=True, env=env)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        if "serving on " in line:
-            return process, line.split("serving on ", 1)[1].split()[0]
-    process.kill()
-    raise SystemExit("the sandbox server did not start")
 
 
 def without_escrow(workdir: Path) -> Path:
@@ -122,7 +106,7 @@ def main() -> int:
     with_walls, plain_walls, failures = [], [], 0
     try:
         for n in range(args.repeat):
-            process, url = serve(workdir / f"escrow{n}.db", args.rate)
+            process, url = serve_live(workdir / f"escrow{n}.db", args.rate)
             try:
                 wall, proc, where = run_flow(FLOWS / "batch_shards.py", workdir, args.shards, args.workers,
                                              args.rows, {"PF_ESCROW_URL": url, "PF_API_KEY": PAYER_KEY})

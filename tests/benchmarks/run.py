@@ -577,7 +577,8 @@ def report(header: list[str], ratios: list[tuple], rates: list[tuple], profile: 
                      f"{cpu_ms:7.2f} {wall_ms:8.2f}")
         lines.append(f"  extra CPU outside the hooks (flow file's pf_metaflow import, Metaflow "
                      f"storing pf_ledger/pf_escrows, lease thread): {extra - profile['hooks_cpu']:+.1f} ms")
-        lines.append(f"  task process wall (probe start to exit): plain {median(profile['wall']['plain']) * 1000:.0f} ms,"
+        lines.append(f"  task process wall (probe start to exit): plain "
+                     f"{median(profile['wall']['plain']) * 1000:.0f} ms,"
                      f" paid {median(profile['wall']['paid']) * 1000:.0f} ms; Metaflow run_step: plain "
                      f"{profile['run_step']['plain']:.1f} ms, paid {profile['run_step']['paid']:.1f} ms")
         lines.append("")
@@ -586,7 +587,8 @@ def report(header: list[str], ratios: list[tuple], rates: list[tuple], profile: 
                      f"({ledger['entries']} ledger entries; the run took {ledger['run_s']:.0f} s)   median of 3")
         lines.append(f"  pf-metaflow ledger --json (CLI, new process)    {median(ledger['ledger_cli_s']):7.3f} s")
         lines.append(f"  pf-metaflow reconcile     (CLI, new process)    {median(ledger['reconcile_cli_s']):7.3f} s")
-        lines.append(f"    of which python + import metaflow, pf_metaflow {median(ledger['python_metaflow_import_s']):7.3f} s")
+        lines.append(f"    of which python + import metaflow, pf_metaflow "
+                     f"{median(ledger['python_metaflow_import_s']):7.3f} s")
         lines.append(f"  runs.ledger_of (in process)                     {median(ledger['ledger_inproc_s']):7.3f} s")
         lines.append(f"  runs.reconcile (in process, nothing to settle)  {median(ledger['reconcile_inproc_s']):7.3f} s")
         lines.append("")
@@ -598,7 +600,7 @@ def report(header: list[str], ratios: list[tuple], rates: list[tuple], profile: 
     if profile:
         extra = (median(profile["cpu_paid"]) - median(profile["cpu_plain"])) * 1000
         goal("extra CPU per paid task <= 5 ms (embedded)", f"{extra:.1f} ms", extra <= 5)
-    for name, base, test, unit, base_cpu, test_cpu in ratios:
+    for name, base, test, unit, _base_cpu, _test_cpu in ratios:
         ratio = median(test) / median(base)
         if unit == "s" and "linear" in name:
             goal(f"{name} paid/plain <= 1.03", f"{ratio:.3f}", ratio <= 1.03)
