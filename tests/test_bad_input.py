@@ -514,7 +514,7 @@ ROWS = [
     Row("decorator", "PF_ESCROW_URL plain http to a remote host", "refusing to send the API key over plain http",
         terms(env={"PF_ESCROW_URL": "http://escrow.example.com", "PF_API_KEY": UNKNOWN_KEY})),
     Row("decorator", "PF_ESCROW_URL unreachable", "cannot reach the escrow service",
-        terms(env={"PF_ESCROW_URL": UNREACHABLE, "PF_API_KEY": UNKNOWN_KEY})),
+        terms(env={"PF_ESCROW_URL": UNREACHABLE, "PF_API_KEY": UNKNOWN_KEY, "PF_ESCROW_MAX_WAIT": "1"})),
     Row("client", "plain http to a remote host", "refusing to send the API key over plain http to escrow.example.com",
         client_config("http://escrow.example.com", UNKNOWN_KEY)),
     Row("client", "an ftp URL", "must be an https:// URL", client_config("ftp://escrow.purpleflea.com", UNKNOWN_KEY)),

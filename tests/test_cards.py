@@ -64,8 +64,9 @@ def card_payloads(task) -> list[str]:
 
 
 @pytest.mark.parametrize("flow, args, result", [
-    ("training_bounty.py", ["--min_accuracy", "0.99"], "RESULT: FAILED: paid work did not succeed in train"),
-    ("data_ingest.py", [], "RESULT: OK: all paid work succeeded and was paid"),
+    pytest.param("training_bounty.py", ["--min_accuracy", "0.99"], "RESULT: FAILED: paid work did not succeed in train",
+                 marks=pytest.mark.slow),
+    pytest.param("data_ingest.py", [], "RESULT: OK: all paid work succeeded and was paid", marks=pytest.mark.slow),
     ("batch_shards.py", ["--num_shards", "3", "--fail_shards", "1"], "RESULT: FAILED"),
     ("ml_pipeline_with_payments.py", ["--fail_at", "deploy"], "RESULT: FAILED: paid work did not succeed in deploy"),
 ])

@@ -435,7 +435,6 @@ CELLS: dict[tuple[str, str], Union[Cell, NotApplicable]] = {
 # The cells the default (fast) `pytest` runs; the rest is `pytest -m slow`.
 FAST = {
     ("http_503", "before_create", "idempotent"),
-    ("refused", "during_release", "idempotent"),
     ("malformed", "after_create", "idempotent"),
     ("http_500", "during_release", "live_like"),
     ("sigkill", "before_create", "live_like"),

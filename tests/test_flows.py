@@ -36,6 +36,7 @@ def test_training_bounty_pays_the_agent_when_held_out_accuracy_meets_the_bar(ws)
     assert client_run["train"].task.data.accuracy >= 0.85
     assert client_run["evaluate"].task.data.bounty_status == "released"
     assert_summary_printed(run, ledger)
+    assert last_lines(run, 1) == ["RESULT: OK: all paid work succeeded and was paid"]
 
 
 def test_training_bounty_refunds_when_accuracy_is_below_min_accuracy(ws):
@@ -45,6 +46,8 @@ def test_training_bounty_refunds_when_accuracy_is_below_min_accuracy(ws):
     assert "accuracy >= min_accuracy' does not hold" in entry["reason"] and "min_accuracy=0.99" in entry["reason"]
     assert ws.client_run(run.pathspec)["evaluate"].task.data.bounty_status == "refunded"
     assert_summary_printed(run, ledger)
+    assert last_lines(run, 2)[-1] == "RESULT: FAILED: paid work did not succeed in train"
+    assert re.search(r"accuracy=0\.\d{4}\b(?!\d)", run.stdout.split("NOT PAID train")[-1])  # readable digits
 
 
 def test_training_bounty_refunds_when_training_fails_and_the_run_goes_on(ws):
@@ -70,7 +73,8 @@ def test_data_ingest_pays_for_a_clean_delivery(ws):
 
 @pytest.mark.parametrize("delivery, reason", [
     ("data/deliveries_dirty.csv", "release gate 'null_rate <= max_null_rate' does not hold"),
-    ("data/deliveries_bad_schema.csv", "schema error in data/deliveries_bad_schema.csv line 14: column amount"),
+    pytest.param("data/deliveries_bad_schema.csv",
+                 "schema error in data/deliveries_bad_schema.csv line 14: column amount", marks=pytest.mark.slow),
     ("no/such/delivery.csv", "missing file: no CSV at no/such/delivery.csv"),
 ], ids=["null-rate", "schema", "missing-file"])
 def test_data_ingest_refunds_a_bad_delivery_with_the_validation_reason(ws, delivery, reason):
@@ -78,6 +82,12 @@ def test_data_ingest_refunds_a_bad_delivery_with_the_validation_reason(ws, deliv
     ledger = assert_paid_exactly(ws, run, released={}, refunded={"ingest": "1.50"})
     assert reason in ledger["entries"][0]["reason"]
     assert "Delivery rejected, escrow refunded" in run.output
+    # The last lines end the run with the reason and RESULT: FAILED (a failing gate is work done
+    # but not paid; an unreadable delivery is a failed step).
+    tail = last_lines(run, 3)
+    assert tail[-1] == "RESULT: FAILED: paid work did not succeed in ingest"
+    lead = "NOT PAID ingest: refunded: " if "dirty" in delivery else "FAILED ingest: DeliveryRejected: "
+    assert f"{lead}{reason}" in tail[0]
 
 
 # -- batch_shards.py ---------------------------------------------------------------------
@@ -103,6 +113,9 @@ def test_batch_of_20_shards_with_2_failures_pays_18_and_refunds_exactly_the_fail
     assert join.refunded_shards == [3, 7] and join.paid_shards == [i for i in range(20) if i not in (3, 7)]
     assert join.rows_scored == 18 * 250
     assert_summary_printed(run, ledger)
+    # The batch rows come in shard order (score[2] before score[10]), not as strings sort.
+    table = run.stdout.split("Batch payments")[-1].split("released (paid):")[0]
+    assert [int(i) for i in re.findall(r"score\[(\d+)\]", table)] == list(range(20))
 
 
 @pytest.mark.slow
@@ -153,7 +166,7 @@ def test_ml_pipeline_skips_deploy_unpaid_when_the_accuracy_gate_fails(ws):
 
 
 @pytest.mark.parametrize("stage, paid, skipped", [
-    ("train", ["ingest"], ["evaluate", "deploy"]),
+    pytest.param("train", ["ingest"], ["evaluate", "deploy"], marks=pytest.mark.slow),
     ("deploy", ["ingest", "train", "evaluate"], []),
     pytest.param("ingest", [], ["train", "evaluate", "deploy"], marks=pytest.mark.slow),
     pytest.param("evaluate", ["ingest", "train"], ["deploy"], marks=pytest.mark.slow),
@@ -209,7 +222,7 @@ with Runner(sys.argv[1], show_output=False).run(total_budget_usdc=budget) as run
 """
 
 
-@pytest.mark.parametrize("budget", ["int", "str", "Decimal", "float"])
+@pytest.mark.parametrize("budget", ["Decimal"] + [pytest.param(b, marks=pytest.mark.slow) for b in ("int", "str", "float")])
 def test_runner_api_takes_the_budget_as_a_number_and_the_ledger_totals_are_exactly_12(ws, budget):
     # In a subprocess run from the workspace, as a user's script runs: Metaflow finds
     # pf-metaflow's extension (which teaches the Runner the USDC type) through the install.
@@ -230,7 +243,7 @@ def test_runner_api_takes_the_budget_as_a_number_and_the_ledger_totals_are_exact
     assert ws.client_run(result["pathspec"])["start"].task.data.pf_budget["total_usdc"] == "12.000000"
 
 
-@pytest.mark.parametrize("budget", ["7.000001", "12.5"])
+@pytest.mark.parametrize("budget", ["7.000001", pytest.param("12.5", marks=pytest.mark.slow)])
 def test_a_budget_given_on_the_command_line_stays_exact(ws, budget):
     run = ran(ws, "batch_shards.py", "--num_shards", "3", "--total_budget_usdc", budget)
     ledger = ws.ledger(run.pathspec)
@@ -257,26 +270,3 @@ def test_a_run_whose_paid_work_failed_says_so_in_its_last_lines(ws):
     assert "Pipeline stopped early: evaluate failed; deploy was not run" in tail[-4]
 
 
-def test_a_successful_run_ends_with_result_ok(ws):
-    run = ran(ws, "training_bounty.py")
-    assert last_lines(run, 1) == ["RESULT: OK: all paid work succeeded and was paid"]
-
-
-def test_a_failed_release_gate_is_reported_with_readable_digits(ws):
-    run = ran(ws, "training_bounty.py", "--min_accuracy", "0.99")
-    tail = last_lines(run, 2)
-    assert tail[-1] == "RESULT: FAILED: paid work did not succeed in train"
-    assert re.search(r"accuracy=0\.\d{4}\b(?!\d)", run.stdout.split("NOT PAID train")[-1])
-
-
-def test_a_rejected_delivery_ends_with_the_reason_and_result_failed(ws):
-    run = ran(ws, "data_ingest.py", "--data_path", "no/such/delivery.csv")
-    tail = last_lines(run, 3)
-    assert tail[-1] == "RESULT: FAILED: paid work did not succeed in ingest"
-    assert "FAILED ingest: DeliveryRejected: missing file: no CSV at no/such/delivery.csv" in tail[0]
-
-
-def test_batch_rows_are_in_shard_order(ws):
-    run = ran(ws, "batch_shards.py", "--num_shards", "12")
-    order = re.findall(r"score\[(\d+)\]", run.stdout.split("Batch payments")[-1])
-    assert [int(i) for i in order] == list(range(12))

@@ -157,9 +157,13 @@ def test_run_with_integer_task_ids_is_read_whole_and_its_killed_shard_reconciled
 
 
 def start_in_background(ws: Workspace, *args: str) -> tuple[subprocess.Popen, Path]:
+    """Run the flow in the background; a held shard waits until ``finish`` lets it go."""
     run_id_file = ws.path / f".bg-run-id-{uuid.uuid4().hex[:6]}"
+    hold = ws.path / ".bg-hold"
+    hold.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, str(ORCHESTRATED), "--no-pylint", "run", "--run-id-file", str(run_id_file), *args],
+        [sys.executable, str(ORCHESTRATED), "--no-pylint", "run", "--run-id-file", str(run_id_file),
+         "--hold_file", str(hold), *args],
         cwd=ws.path, env=ws.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     return proc, run_id_file
@@ -180,12 +184,13 @@ def wait_until_locked(ws: Workspace, proc: subprocess.Popen, amount: Decimal, ti
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    Path(proc.args[proc.args.index("--hold_file") + 1]).touch()  # let a held shard go on
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
 
 def test_reconcile_skips_a_task_that_is_still_running_and_moves_no_money(ws):
-    proc, run_id_file = start_in_background(ws, "--sleep_item", "0", "--sleep_seconds", "15")
+    proc, run_id_file = start_in_background(ws, "--sleep_item", "0", "--sleep_seconds", "120")
     try:
         wait_until_locked(ws, proc, Decimal("1.000000"))
         pathspec = f"RunsOrchestratedFlow/{run_id_file.read_text().strip()}"
@@ -214,7 +219,7 @@ def test_reconcile_skips_a_task_that_is_still_running_and_moves_no_money(ws):
 
 
 def test_reconcile_force_settles_the_escrow_of_a_task_that_may_still_be_running(ws):
-    proc, run_id_file = start_in_background(ws, "--sleep_item", "0", "--sleep_seconds", "10")
+    proc, run_id_file = start_in_background(ws, "--sleep_item", "0", "--sleep_seconds", "120")
     try:
         wait_until_locked(ws, proc, Decimal("1.000000"))
         pathspec = f"RunsOrchestratedFlow/{run_id_file.read_text().strip()}"
