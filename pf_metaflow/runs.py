@@ -11,7 +11,17 @@ entries cloned by ``resume``). It does not rely on one listing of tasks:
   passed in by an orchestrator (``step work --task-id 1``): the client never lists
   such tasks. So under local metadata the run's directory is scanned as well, and
   every task's metadata is read through the metadata provider, which reads it
-  whatever the id. (The metadata service registers every task: its listing is whole.)
+  whatever the id.
+- A metadata *service* registers no task whose id is a plain integer either (Metaflow
+  takes such an id for one the service handed out), and ``metaflow-local-service``
+  0.2.0 registers no run under an id an orchestrator chose (``init --run-id argo-…``:
+  it assigns a number of its own), so the client cannot open such a run at all. The
+  tasks' metadata is kept under the orchestrator's ids all the same, and every task
+  writes its attempt to the datastore before any decorator runs. So under any
+  metadata other than local, the run's tasks are also listed in the datastore (the
+  one each task recorded, else the configured one) and read through the provider's
+  task endpoints, whether or not the run is registered. :attr:`RunReading.source`
+  says where a reading found the run.
 - What the reading cannot prove it saw is listed in :attr:`RunReading.unseen`:
 
   - a task whose metadata cannot be read, or a task directory of a paid step without any;
@@ -73,6 +83,7 @@ class RunReading:
     tasks: tuple[str, ...] = ()
     paid_steps: tuple[str, ...] = ()
     unreadable_tasks: frozenset[str] = frozenset()
+    source: str = ""  # where the run and its tasks were found (metadata provider, datastore)
 
     @property
     def complete(self) -> bool:
@@ -87,7 +98,7 @@ class RunReading:
     def to_json(self) -> dict[str, Any]:
         """The ``pf-metaflow ledger --json`` document: entries, totals, ``complete``, ``unseen``."""
         return {**ledger_mod.to_json(self.run, self.entries), "complete": self.complete,
-                "unseen": list(self.unseen)}
+                "unseen": list(self.unseen), "source": self.source}
 
 
 def read_run(run: RunLike) -> RunReading:
@@ -98,6 +109,9 @@ def read_run(run: RunLike) -> RunReading:
     store = _Artifacts(where, tasks)
     graph, graph_error = _Graph.read(store, tasks)
     runs_tasks = [t for t in tasks if not t.step.startswith("_")]
+    if where.listing_errors and not (tasks and all(t.listed for t in tasks)):
+        # The provider did not list every task itself: the datastore was the only way to see them.
+        unseen.extend(where.listing_errors)
     if graph_error and runs_tasks:
         unseen.append(f"{where.pathspec}: which steps are paid could not be read ({graph_error}); "
                       "only tasks with escrow records of their own are known to be paid")
@@ -114,6 +128,7 @@ def read_run(run: RunLike) -> RunReading:
         tasks=tuple(t.pathspec for t in runs_tasks),
         paid_steps=tuple(sorted(paid)),
         unreadable_tasks=frozenset(t.pathspec for t in tasks if t.error),
+        source=where.describe(tasks),
     )
 
 
@@ -136,6 +151,7 @@ class _Task:
     id: str
     pathspec: str
     listed: bool = False  # the Metaflow client lists it
+    in_datastore: bool = False  # found by listing the run in a datastore
     has_meta: bool = True
     error: Optional[str] = None
     entries: list[dict] = field(default_factory=list)
@@ -151,11 +167,17 @@ class _Task:
 
 
 class _Location:
-    """A run as the configured metadata provider (and, for local metadata, the disk) holds it."""
+    """A run as the configured metadata provider (and, for local metadata, the disk; for any
+    other, the datastore) holds it."""
 
-    def __init__(self, flow: str, run_id: str, provider: Any, run_dir: Optional[str]) -> None:
+    def __init__(self, flow: str, run_id: str, provider: Any, run_dir: Optional[str], *,
+                 registered: bool = True) -> None:
         self.flow, self.run_id, self.provider, self.run_dir = flow, run_id, provider, run_dir
         self.pathspec = f"{flow}/{run_id}"
+        self.registered = registered  # the provider knows the run itself (the client can open it)
+        self.listed_in: list[str] = []  # the datastore locations the run's tasks were listed in
+        self.listing_errors: list[str] = []
+        self._listings: dict[tuple[str, str], list[tuple[str, str]]] = {}
 
     @classmethod
     def of(cls, run: RunLike) -> "_Location":
@@ -170,14 +192,33 @@ class _Location:
             # A pathspec names one run, whoever started it: no namespace check, and the
             # user's namespace (a global of the Metaflow client) is left as it was.
             Run(run, _namespace_check=False)
-        except MetaflowNotFound:
-            # Local metadata registers no run whose id is a plain integer given by an
-            # orchestrator; its directory is the run.
+        except MetaflowNotFound as exc:
             flow, _, run_id = run.partition("/")
-            run_dir = _local_run_dir(provider, flow, run_id)
-            if run_dir is None or not any(_subdirs(run_dir)):
-                raise
-            return cls(flow, run_id, provider, run_dir)
+            if _is_local(provider):
+                # Local metadata registers no run whose id is a plain integer given by an
+                # orchestrator; its directory is the run.
+                run_dir = _local_run_dir(provider, flow, run_id)
+                if run_dir is None or not any(_subdirs(run_dir)):
+                    raise
+                return cls(flow, run_id, provider, run_dir, registered=False)
+            # A metadata service that did not register the run under this id (an orchestrator
+            # chose it; metaflow-local-service 0.2.0 assigns its own): its tasks are in the
+            # datastore, their records with the service under the orchestrator's ids.
+            where = cls(flow, run_id, provider, None, registered=False)
+            ds = _configured_datastore()
+            if ds is None or not run_id or "/" in run_id:
+                raise MetaflowNotFound(f"{exc} (it is not registered with {_provider_name(provider)}, "
+                                       "and no datastore is configured here to look for its tasks)") from exc
+            there = _join(ds[1], flow, run_id)
+            try:
+                if where._listing(ds):
+                    return where
+            except Exception as why:  # noqa: BLE001 - cannot tell: say so, as not found
+                raise MetaflowNotFound(f"{exc} (it is not registered with {_provider_name(provider)}, and "
+                                       f"its tasks could not be listed in the datastore {there}: "
+                                       f"{type(why).__name__}: {why})") from exc
+            raise MetaflowNotFound(f"{exc} (it is not registered with {_provider_name(provider)}, "
+                                   f"nor has any task in the datastore {there})") from exc
         flow, run_id = run.split("/")
         return cls(flow, run_id, provider, _local_run_dir(provider, flow, run_id))
 
@@ -190,10 +231,11 @@ class _Location:
                 found[key] = _Task(step, str(task_id), f"{self.pathspec}/{step}/{task_id}")
             return found[key]
 
-        for step in self.provider.get_object("run", "step", {}, None, self.flow, self.run_id) or []:
-            name = step["step_name"]
-            for t in self.provider.get_object("step", "task", {}, None, self.flow, self.run_id, name) or []:
-                task(name, t["task_id"]).listed = True
+        if self.registered:
+            for step in self.provider.get_object("run", "step", {}, None, self.flow, self.run_id) or []:
+                name = step["step_name"]
+                for t in self.provider.get_object("step", "task", {}, None, self.flow, self.run_id, name) or []:
+                    task(name, t["task_id"]).listed = True
         if self.run_dir is not None:
             for step in _subdirs(self.run_dir):
                 for task_id in _subdirs(os.path.join(self.run_dir, step)):
@@ -202,7 +244,73 @@ class _Location:
         for t in found.values():
             if t.has_meta:
                 self._read_metadata(t)
+        if not _is_local(self.provider):
+            self._add_datastore_tasks(found, task)
         return sorted(found.values(), key=lambda t: (t.step, _numeric_first(t.id)))
+
+    def _add_datastore_tasks(self, found: dict, task: Any) -> None:
+        """Add the tasks the run has in its datastores: each datastore a task recorded (else the
+        configured one), and any further one the tasks found there recorded."""
+        roots: list[tuple[str, str]] = []
+
+        def want(ds: Optional[tuple[str, str]]) -> None:
+            if ds is not None and ds not in roots:
+                roots.append(ds)
+
+        for t in found.values():
+            want(t.ds)
+        if not roots:
+            want(_configured_datastore())
+        i = 0
+        while i < len(roots):
+            ds = roots[i]
+            i += 1
+            where = _join(ds[1], self.flow, self.run_id)
+            try:
+                listing = self._listing(ds)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, that datastore was not listed
+                self.listing_errors.append(f"{self.pathspec}: its tasks could not be listed in the datastore "
+                                           f"{where} ({type(exc).__name__}: {exc})")
+                continue
+            self.listed_in.append(where)
+            for step, task_id in listing:
+                known = (step, task_id) in found
+                t = task(step, task_id)
+                t.in_datastore = True
+                if known:
+                    continue
+                self._read_metadata(t)
+                if not t.error and t.ds is None and not (t.entries or t.leases or t.done):
+                    # Every attempt records where its datastore is before writing to it: this
+                    # task's records were kept where this provider cannot see them.
+                    t.has_meta = False
+                want(t.ds)
+
+    def _listing(self, ds: tuple[str, str]) -> list[tuple[str, str]]:
+        """``(step, task_id)`` of every task directory of the run in datastore ``ds``."""
+        if ds not in self._listings:
+            self._listings[ds] = _datastore_tasks(self.flow, self.run_id, ds)
+        return self._listings[ds]
+
+    def describe(self, tasks: list[_Task]) -> str:
+        """Where this reading found the run and its tasks (``RunReading.source``)."""
+        by = _provider_name(self.provider)
+        stores = ", ".join(self.listed_in)
+        if self.registered:
+            said = f"{self.pathspec}: registered with {by}, which listed {sum(t.listed for t in tasks)} task(s)"
+            more = [t for t in tasks if t.in_datastore and not t.listed]
+            if more:
+                said += (f"; {len(more)} more task(s) found in the datastore ({stores}), "
+                         "their records read from the provider's task metadata")
+            elif self.run_dir is not None and not all(t.listed for t in tasks):
+                said += f"; more found in its directory {self.run_dir}"
+            return said
+        if _is_local(self.provider):
+            return (f"{self.pathspec}: not registered with {by} (an orchestrator chose its ids); "
+                    f"its {len(tasks)} task(s) were found in its directory {self.run_dir}")
+        return (f"{self.pathspec}: not registered with {by} under this id (an orchestrator chose it, "
+                f"and the service keeps no run under it); its {len(tasks)} task(s) were found in the "
+                f"datastore ({stores or 'not listed'}), their records read from the service's task metadata")
 
     def _read_metadata(self, task: _Task) -> None:
         try:
@@ -245,11 +353,64 @@ def _provider(run: RunLike):
     return core.current_metadata
 
 
-def _local_run_dir(provider: Any, flow: str, run_id: str) -> Optional[str]:
-    """The run's directory under local metadata (``<dir>/.metaflow/Flow/RUN``), else None."""
+def _is_local(provider: Any) -> bool:
     from metaflow.plugins.metadata_providers.local import LocalMetadataProvider
 
-    if not (isinstance(provider, type) and issubclass(provider, LocalMetadataProvider)):
+    return isinstance(provider, type) and issubclass(provider, LocalMetadataProvider)
+
+
+def _provider_name(provider: Any) -> str:
+    kind, info = getattr(provider, "TYPE", None), getattr(provider, "INFO", None)
+    if _is_local(provider):
+        return f"local metadata ({os.path.join(str(info), provider.DATASTORE_DIR)})"
+    if kind == "service":
+        return f"the metadata service at {info}"
+    return f"{kind or type(provider).__name__} metadata" + (f" at {info}" if info else "")
+
+
+def _configured_datastore() -> Optional[tuple[str, str]]:
+    """The datastore this process is configured for (``METAFLOW_DEFAULT_DATASTORE`` and its root)."""
+    from metaflow.metaflow_config import DEFAULT_DATASTORE
+    from metaflow.plugins import DATASTORES
+
+    impl = next((d for d in DATASTORES if d.TYPE == DEFAULT_DATASTORE), None)
+    if impl is None:
+        return None
+    try:
+        root = impl.get_datastore_root_from_config(lambda *a, **k: None, create_on_absent=False)
+    except Exception:  # noqa: BLE001 - not configured
+        return None
+    return (impl.TYPE, str(root)) if root else None
+
+
+def _datastore_tasks(flow: str, run_id: str, ds: tuple[str, str]) -> list[tuple[str, str]]:
+    """``(step, task_id)`` of every task directory of ``flow/run_id`` in datastore ``ds``."""
+    from metaflow.plugins import DATASTORES
+
+    if run_id == "data":  # FLOW/data holds the flow's content-addressed artifacts, not a run
+        return []
+    impl = next((d for d in DATASTORES if d.TYPE == ds[0]), None)
+    if impl is None:
+        raise LookupError(f"datastore type {ds[0]!r} is not available here")
+    storage = impl(ds[1])
+    steps = [r.path for r in storage.list_content([storage.path_join(flow, run_id)]) if not r.is_file]
+    found = []
+    for r in storage.list_content(steps) if steps else ():
+        if r.is_file:
+            continue
+        parts = r.path.rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-1]:
+            found.append((parts[-2], parts[-1]))
+    return sorted(set(found))
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _local_run_dir(provider: Any, flow: str, run_id: str) -> Optional[str]:
+    """The run's directory under local metadata (``<dir>/.metaflow/Flow/RUN``), else None."""
+    if not _is_local(provider):
         return None
     info = provider.INFO  # the directory holding .metaflow, as Metaflow itself resolved it
     path = os.path.join(str(info), provider.DATASTORE_DIR, flow, run_id)

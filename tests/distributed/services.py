@@ -1,8 +1,8 @@
 """Metaflow's production topology on 127.0.0.1, for the ``distributed`` tier.
 
 - a **metadata service**: ``metaflow-local-service`` (a Metaflow metadata service that keeps
-  its records under its own ``.metaflow/``), started as its daemon module directly, so no
-  state file in ``~/.metaflow-local-service`` is read or written;
+  its records under its own ``.metaflow/``), started as its daemon module directly with a
+  ``HOME`` of its own, so its state file never lands in the user's ``~/.metaflow-local-service``;
 - an **S3 endpoint**: moto's server mode (``python -m moto.server``), reached by Metaflow
   through ``METAFLOW_S3_ENDPOINT_URL`` with fake credentials;
 - the **HTTP sandbox escrow** (``pf-metaflow sandbox serve``) as a separate service, with
@@ -112,7 +112,9 @@ def running_metadata_service(root: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "metaflow_local_service.daemon", "--port", str(port),
            "--metaflow-root", str(root), "--idle-timeout", "3600"]
-    with _service(cmd, f"{url}/ping", root / "service.log", env=_clean_env(), cwd=root):
+    # The daemon writes its state file (pid, port) under ~/.metaflow-local-service: a home of
+    # its own keeps a test's service out of the user's.
+    with _service(cmd, f"{url}/ping", root / "service.log", env=_clean_env(HOME=str(root)), cwd=root):
         yield url
 
 
@@ -217,3 +219,39 @@ def running_topology(workdir: Path) -> Iterator[Topology]:
 
 def tempdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+# -- driving Metaflow and pf-metaflow on the topology from a test ----------------------------
+
+
+def process_env(topo: Topology, api_key: Optional[str] = None, **extra: str) -> dict:
+    """A child process's environment on ``topo``: this process's, less every ``PF_``,
+    ``METAFLOW_`` and ``AWS_`` setting, plus the topology's (escrow over HTTP with
+    ``api_key``) and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PF_", "METAFLOW_", "AWS_"))}
+    env.update(METAFLOW_USER="pf-tester", PYTHONUNBUFFERED="1")
+    env.update(topo.env(api_key))
+    env.update(extra)
+    return env
+
+
+def pf_cli(topo: Topology, cwd: Path, *args: str, key: Optional[str] = None,
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    """``pf-metaflow ARGS`` reading runs through the metadata service and S3 (escrow with ``key``)."""
+    return subprocess.run([sys.executable, "-m", "pf_metaflow", *args], cwd=cwd, env=process_env(topo, key),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def service_get(topo: Topology, path: str) -> tuple[int, object]:
+    """``GET`` the metadata service's REST API at ``path``: (HTTP status, decoded JSON or text)."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"{topo.service_url}/{path.lstrip('/')}", timeout=30) as r:
+            body, status = r.read(), r.status
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read(), exc.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
