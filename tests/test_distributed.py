@@ -11,12 +11,14 @@ servers for the module, all on 127.0.0.1 (tests/distributed/services.py):
 What it covers (issue 12): (1) the shipped flows on that topology, ledger/reconcile through the
 service, a SIGKILLed paid task settled, artifacts and cards in S3; (2) the remote-compute guard;
 (3) Argo Workflows and Step Functions compiles with no key and no sandbox payee; (4) a paid task
-run from the code package in a fresh environment; (5) metaflow-dagster's orchestrator-chosen ids
-under local metadata (its ops driven directly: the ``dagster`` package itself is not installed).
+run from the code package in a fresh environment; (5) paid flows compiled by metaflow-dagster
+(``dagster create``) and run by the real ``dagster job execute``, under local metadata, paying
+over the HTTP sandbox: orchestrator-chosen ids (``dagster-<12 hex>``, ``--task-id 1``), every
+paid task in the ledger, a SIGKILLed one settled by ``reconcile``.
 Money is read from the escrow service's balances, never from our ledger's word for it.
 Needs the ``distributed`` extra (``pip install -e ".[test,distributed]"``): metaflow-local-service,
-moto[server], boto3, kubernetes, metaflow-dagster. The tests without the ``distributed`` marker
-(the guard's logic, Parameter defaults) need none of it and run in the default tier.
+moto[server], boto3, kubernetes, metaflow-dagster, dagster. The tests without the ``distributed``
+marker (the guard's logic, Parameter defaults) need none of it and run in the default tier.
 """
 
 from __future__ import annotations
@@ -624,14 +626,15 @@ def test_a_usdc_budget_given_to_a_deployment_trigger_is_json_text_and_exact_else
 
 
 # ---------------------------------------------------------------------------------------
-# 5. Orchestrator-assigned ids: a paid flow compiled by metaflow-dagster, under local metadata
+# 5. Orchestrator-assigned ids: a paid flow compiled by metaflow-dagster and run by the real
+#    `dagster job execute`, under local metadata, paying over the HTTP sandbox escrow
 
 
 DAG_FLOW = '''
 from metaflow import FlowSpec, step
 from pf_metaflow import pf_escrow_step
 
-PAY = dict(agent_wallet="ag_sandbox_worker", amount_usdc="1.00")
+PAY = dict(agent_wallet="AGENT", amount_usdc="1.00")
 
 
 class DagPaidFlow(FlowSpec):
@@ -670,22 +673,20 @@ if __name__ == "__main__":
 '''
 
 
-class _DagsterContext:
-    """What the generated ops read from Dagster's context."""
-
-    def __init__(self) -> None:
-        self.run_id = str(uuid.uuid4())
-        self.retry_number = 0
-        self.lines: list[str] = []
-        self.log = SimpleNamespace(info=self.lines.append, warning=self.lines.append, debug=self.lines.append)
-
-    def add_output_metadata(self, *args, **kwargs) -> None:
-        pass
+def _dagster_env(topo, tmp_path: Path, key: str) -> dict:
+    """Local metadata and datastore (in ``tmp_path``), the escrow over HTTP with ``key``, and a
+    Dagster instance of its own (``DAGSTER_HOME`` in ``tmp_path``, telemetry off)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return _env(topo, {"PF_ESCROW_URL": topo.escrow_url, "PF_API_KEY": key, "DAGSTER_HOME": str(home),
+                       "METAFLOW_DEFAULT_METADATA": "local", "METAFLOW_DEFAULT_DATASTORE": "local",
+                       "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
 
 
-def _dagster_job(tmp_path: Path, flow: Path, env: dict):
-    """``flow.py --metadata=local --datastore=local dagster create job.py``, loaded with the shim."""
-    import importlib.util
+def _dagster_create(tmp_path: Path, flow: Path, env: dict) -> Path:
+    """``flow.py --metadata=local --datastore=local dagster create job.py`` (repaired, see below)."""
+    import ast
 
     pytest.importorskip("metaflow_extensions.dagster", reason="needs metaflow-dagster (the distributed extra)")
     out = tmp_path / "dagster_job.py"
@@ -694,25 +695,22 @@ def _dagster_job(tmp_path: Path, flow: Path, env: dict):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     source = out.read_text()
-    repaired = _repair_split_ops(source)
-    out.write_text(repaired)
-    shim = str(Path(__file__).parent / "distributed" / "dagster_shim")
-    sys.path.insert(0, shim)
     try:
-        sys.modules.pop("dagster", None)
-        spec = importlib.util.spec_from_file_location(f"dagster_job_{uuid.uuid4().hex[:6]}", out)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(shim)
-        sys.modules.pop("dagster", None)
-    return module, repaired
+        ast.parse(source)
+    except SyntaxError:
+        out.write_text(_repair_split_ops(source))
+        ast.parse(out.read_text())
+    return out
 
 
 def _repair_split_ops(source: str) -> str:
     """metaflow-dagster 0.3.7 writes the op of a static split (``self.next(a, b)``) indented by
-    8 spaces, with its second ``yield`` at column 0: the file does not parse (IndentationError).
-    Put the block back at the top level, as the other ops are."""
+    8 spaces, with its second ``yield Output(...)`` at column 0, so the job file does not parse
+    (IndentationError). The bug is ``DagsterCompiler._render_split_op`` in
+    ``metaflow_extensions/dagster/plugins/dagster/dagster_compiler.py`` (lines 1092-1104): it
+    joins the yields with a newline and 4 spaces and substitutes them into a ``dedent`` f-string
+    template indented by 12, so the common indent ``dedent`` strips is 4, not 12. Put the block
+    back at the top level, as the other ops are (only when the file does not parse as written)."""
     lines, out, i = source.split("\n"), [], 0
     while i < len(lines):
         if lines[i].startswith("        @op("):
@@ -726,68 +724,151 @@ def _repair_split_ops(source: str) -> str:
     return "\n".join(out)
 
 
-def _local_env(tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PF_", "METAFLOW_"))}
-    env.update(METAFLOW_USER="pf-tester", PYTHONUNBUFFERED="1", PF_SANDBOX_DB=str(tmp_path / "escrow.db"),
-               METAFLOW_DEFAULT_METADATA="local", METAFLOW_DEFAULT_DATASTORE="local")
-    return env
+_DAGSTER_RECORD = """
+import json
+from dagster import DagsterInstance
+
+
+def chain(error):
+    messages = []
+    while error is not None:
+        messages.append(error.message)
+        error = error.cause or getattr(error, "context", None)
+    return messages
+
+
+with DagsterInstance.get() as instance:
+    runs = []
+    for run in instance.get_runs():
+        events = []
+        for entry in instance.all_logs(run.run_id):
+            event = entry.dagster_event
+            failure = event.step_failure_data.error if event is not None and event.is_step_failure else None
+            events.append({"op": entry.step_key, "type": event.event_type_value if event else None,
+                           "message": entry.user_message, "errors": chain(failure)})
+        runs.append({"run_id": run.run_id, "job": run.job_name, "status": run.status.value, "events": events})
+print(json.dumps(runs))
+"""
+
+
+def _dagster_execute(tmp_path: Path, job_file: Path, job: str, env: dict) -> SimpleNamespace:
+    """``dagster job execute -f job.py -j JOB``: the real Dagster CLI (its default multiprocess
+    executor, one process an op), which gives the run its id; the Metaflow run id is
+    ``dagster-`` + 12 hex of it (metaflow-dagster's ``_make_run_id``). What Dagster did is read
+    back from its instance (``DAGSTER_HOME``'s event log), not from the console: an op process
+    that fails may exit before its last log lines reach stderr (seen with dagster 1.7)."""
+    import hashlib
+    import importlib.util
+
+    if importlib.util.find_spec("dagster") is None:
+        pytest.skip("needs dagster (the distributed extra)")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dagster", "job", "execute", "-f", str(job_file), "-j", job],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - started
+    out = proc.stdout + "\n" + proc.stderr
+    record = subprocess.run([sys.executable, "-c", _DAGSTER_RECORD], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert record.returncode == 0, record.stdout + record.stderr
+    runs = json.loads(record.stdout.strip().splitlines()[-1])
+    assert [r["job"] for r in runs] == [job], out[-5000:]
+    (dagster_run,) = runs
+    run_id = "dagster-" + hashlib.sha1(dagster_run["run_id"].encode()).hexdigest()[:12]
+    local_runs = sorted(p.name for p in (tmp_path / ".metaflow" / job).iterdir() if p.name.startswith("dagster-"))
+    assert local_runs == [run_id], (local_runs, run_id)  # the one run, under the id Dagster's run gave it
+    commands = {}  # op -> the Metaflow command lines it ran ("$ python flow.py ... step S --run-id ...")
+    for event in dagster_run["events"]:
+        if event["type"] is None and (event["message"] or "").startswith("$ "):
+            commands.setdefault(event["op"], []).append(event["message"])
+    failures = {e["op"]: " / ".join(e["errors"]) for e in dagster_run["events"] if e["type"] == "STEP_FAILURE"}
+    return SimpleNamespace(rc=proc.returncode, out=out, status=dagster_run["status"], run_id=run_id,
+                           commands=commands, failures=failures, seconds=seconds)
 
 
 def _local_pf(tmp_path: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``pf-metaflow ARGS`` reading runs from the local metadata in ``tmp_path``."""
     return subprocess.run([sys.executable, "-m", "pf_metaflow", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-@distributed
-def test_a_paid_flow_run_by_metaflow_dagster_pays_every_task_with_its_task_ids(tmp_path, monkeypatch):
-    env = _local_env(tmp_path)
-    flow = tmp_path / "dag_paid_flow.py"
-    flow.write_text(DAG_FLOW)
-    job, source = _dagster_job(tmp_path, flow, env)
-    assert '"1"' in source  # metaflow-dagster gives linear and join tasks the id 1
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)  # the ops run Metaflow with this process's environment
-    for name in [n for n in os.environ if n.startswith("PF_") and n not in env]:
-        monkeypatch.delenv(name)
-
-    ctx = _DagsterContext()
-    start = job.op_start(ctx)
-    prep = {o.output_name: o.value for o in job.op_prep(ctx, start)}  # a static split: one output a branch
-    left, right = job.op_left(ctx, prep["left"]), job.op_right(ctx, prep["right"])
-    join = job.op_join(ctx, left, right)
-    job.op_end(ctx, join)
-    run_id = start.split("/")[0]
-    assert run_id.startswith("dagster-") and len(run_id) == len("dagster-") + 12
-
-    proc = _local_pf(tmp_path, env, "ledger", f"DagPaidFlow/{run_id}", "--json")
+def _local_ledger(tmp_path: Path, env: dict, pathspec: str) -> dict:
+    proc = _local_pf(tmp_path, env, "ledger", pathspec, "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ledger = json.loads(proc.stdout)
-    assert ledger["complete"] is True, ledger["unseen"]
-    assert sorted((e["step"], e["status"]) for e in ledger["entries"]) == [
-        (s, "released") for s in ("join", "left", "prep", "right", "start")]
-    balance = json.loads(_local_pf(tmp_path, env, "sandbox", "balance", "--json").stdout)
-    assert Decimal(balance["agents"]["ag_sandbox_worker"]["usdc"]) == Decimal("4.950000")
+    return json.loads(proc.stdout)
 
 
 @distributed
-def test_a_paid_task_killed_under_metaflow_dagster_is_found_and_reconciled(tmp_path, monkeypatch):
-    env = _local_env(tmp_path)
+def test_a_paid_flow_run_by_dagster_pays_every_task_with_its_task_ids(topo, tmp_path, payer, worker):
+    env = _dagster_env(topo, tmp_path, payer.api_key)
+    flow = tmp_path / "dag_paid_flow.py"
+    flow.write_text(DAG_FLOW.replace("AGENT", worker.agent_id))
+    job_file = _dagster_create(tmp_path, flow, env)
+    run = _dagster_execute(tmp_path, job_file, "DagPaidFlow", env)
+    assert run.rc == 0 and run.status == "SUCCESS", run.out[-5000:]
+    assert run.run_id.startswith("dagster-") and len(run.run_id) == len("dagster-") + 12
+    # metaflow-dagster runs every task, start, linear, split, branches and join, as task 1.
+    for step_name in ("start", "prep", "left", "right", "join", "end"):
+        assert any(f" step {step_name} --run-id {run.run_id} --task-id 1 " in c
+                   for c in run.commands[f"op_{step_name}"]), (step_name, run.commands)
+
+    # What moved on the escrow service: 5 x 1.00 from the payer, 5 x 0.99 to the agent.
+    assert topo.wallet(payer) == {"usdc": Decimal("95.000000"), "locked": Decimal("0.000000")}
+    assert topo.wallet(worker)["usdc"] == Decimal("4.950000")
+    topo.check_conservation()
+
+    # The ledger (CLI, and read_run through the Metaflow client) has every paid task, task id 1.
+    pathspec = f"DagPaidFlow/{run.run_id}"
+    ledger = _local_ledger(tmp_path, env, pathspec)
+    assert ledger["complete"] is True, ledger["unseen"]
+    assert sorted((e["step"], e["task"], e["status"], e["recipient"]) for e in ledger["entries"]) == [
+        (s, "1", "released", worker.agent_id) for s in ("join", "left", "prep", "right", "start")]
+    assert ledger["totals"]["released"] == "5.000000" and ledger["totals"]["net_paid"] == "4.950000"
+    code = ("import json, pf_metaflow\nfrom metaflow import Run, namespace\nnamespace(None)\n"
+            f"reading = pf_metaflow.read_run(Run({pathspec!r}))\n"
+            "print(json.dumps({'entries': reading.entries, 'complete': reading.complete, 'unseen': reading.unseen}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    read = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert read["complete"] is True, read["unseen"]
+    assert sorted(e["escrow_id"] for e in read["entries"]) == sorted(e["escrow_id"] for e in ledger["entries"])
+
+    rec = _local_pf(tmp_path, env, "reconcile", pathspec)
+    assert rec.returncode == 0 and "nothing to do" in rec.stdout + rec.stderr, rec.stdout + rec.stderr
+    print(f"DagPaidFlow under dagster job execute: {run.seconds:.1f} s")
+
+
+@distributed
+def test_a_paid_task_killed_under_dagster_is_found_and_reconciled(topo, tmp_path, payer):
+    env = _dagster_env(topo, tmp_path, payer.api_key)
     flow = tmp_path / "kill_flow.py"
-    flow.write_text((TESTFLOWS / "kill_flow.py").read_text())
-    job, _ = _dagster_job(tmp_path, flow, env)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    flow.write_text((TESTFLOWS / "kill_flow.py").read_text())  # `work` SIGKILLs itself once its escrow is locked
+    job_file = _dagster_create(tmp_path, flow, env)
+    run = _dagster_execute(tmp_path, job_file, "KillFlow", env)
+    assert run.rc != 0 and run.status == "FAILURE", run.out[-5000:]
+    assert list(run.failures) == ["op_work"] and "Command failed (exit -9)" in run.failures["op_work"], run.failures
+    assert any(f" step work --run-id {run.run_id} --task-id 1 " in c for c in run.commands["op_work"])
+    pathspec = f"KillFlow/{run.run_id}"
+    assert topo.wallet(payer) == {"usdc": Decimal("97.500000"), "locked": Decimal("2.500000")}
 
-    ctx = _DagsterContext()
-    start = job.op_start(ctx)
-    with pytest.raises(RuntimeError, match="exit -9"):
-        job.op_work(ctx, start)
-    pathspec = f"KillFlow/{start.split('/')[0]}"
+    ledger = _local_ledger(tmp_path, env, pathspec)
+    assert [(e["step"], e["task"], e["status"], e["amount_usdc"]) for e in ledger["entries"]] == [
+        ("work", "1", "locked", "2.500000")]
 
-    ledger = json.loads(_local_pf(tmp_path, env, "ledger", pathspec, "--json").stdout)
-    assert [(e["step"], e["task"], e["status"]) for e in ledger["entries"]] == [("work", "1", "locked")]
+    dry = _local_pf(tmp_path, env, "reconcile", pathspec, "--dry-run")
+    assert dry.returncode == 1, dry.stdout + dry.stderr  # something to settle, nothing moved
+    assert topo.wallet(payer)["locked"] == Decimal("2.500000")
+
     rec = _local_pf(tmp_path, env, "reconcile", pathspec)
     assert rec.returncode == 0, rec.stdout + rec.stderr
-    balance = json.loads(_local_pf(tmp_path, env, "sandbox", "balance", "--json").stdout)
-    payer = balance["agents"]["ag_sandbox_payer"]
-    assert Decimal(payer["locked"]) == 0 and Decimal(payer["usdc"]) == Decimal("1000000")
+    assert "refunded" in rec.stdout
+    assert topo.wallet(payer) == {"usdc": Decimal("100.000000"), "locked": Decimal("0.000000")}
+    topo.check_conservation()
+
+    again = _local_pf(tmp_path, env, "reconcile", pathspec)
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr, again.stdout + again.stderr
+    assert topo.wallet(payer) == {"usdc": Decimal("100.000000"), "locked": Decimal("0.000000")}
+    after = _local_ledger(tmp_path, env, pathspec)
+    assert [e["status"] for e in after["entries"]] == ["refunded"]
+    assert after["complete"] is True
+    print(f"KillFlow under dagster job execute: {run.seconds:.1f} s")
