@@ -73,6 +73,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             print(_incomplete_warning(reading), file=sys.stderr)
     else:
         print(ledger_mod.format_table(reading.entries, title=f"Ledger of {run}"))
+        if reading.found_beyond_client:
+            print(f"Read from: {reading.source}")
         if not reading.complete:
             print("\n" + _incomplete_warning(reading))
     return 0
@@ -84,6 +86,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     run = _resolve_run(args.run)
     done = reconcile(run, dry_run=args.dry_run, force=args.force)
+    if done.reading.found_beyond_client:
+        print(f"Read from: {done.reading.source}")
     for action in done.actions:
         print(action.describe(dry_run=args.dry_run))
     for skipped in done.skipped:

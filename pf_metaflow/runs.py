@@ -84,6 +84,9 @@ class RunReading:
     paid_steps: tuple[str, ...] = ()
     unreadable_tasks: frozenset[str] = frozenset()
     source: str = ""  # where the run and its tasks were found (metadata provider, datastore)
+    # Found beyond the client's listing (an unregistered run, tasks it does not list): the
+    # terminal output then says where (``source``), since the Metaflow client alone would not.
+    found_beyond_client: bool = False
 
     @property
     def complete(self) -> bool:
@@ -129,6 +132,7 @@ def read_run(run: RunLike) -> RunReading:
         paid_steps=tuple(sorted(paid)),
         unreadable_tasks=frozenset(t.pathspec for t in tasks if t.error),
         source=where.describe(tasks),
+        found_beyond_client=not where.registered or not all(t.listed for t in tasks),
     )
 
 

@@ -208,6 +208,7 @@ def test_an_orchestrated_run_the_service_did_not_register_is_read_whole_and_its_
     done = pf_cli(topo, tmp_path, "reconcile", pathspec, key=payer.api_key)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{killed} (work/{w1} attempt 0, 1.000000 USDC) locked -> refunded" in done.stdout, done.stdout
+    assert f"Read from: {pathspec}: not registered with the metadata service" in done.stdout, done.stdout
     assert engine.get(killed)["status"] == "refunded"
     assert topo.wallet(payer) == {"usdc": FUNDED - Decimal("2.25"), "locked": Decimal(0)}
     assert topo.wallet(worker)["usdc"] == paid

@@ -142,6 +142,9 @@ def test_run_with_integer_task_ids_is_read_whole_and_its_killed_shard_reconciled
     assert done.returncode == EXIT_SETTLED, done.stdout + done.stderr
     killed = by_task(ledger)["work/3"]
     assert f"{killed['escrow_id']} (work/3 attempt 0, 1.000000 USDC) locked -> refunded" in done.stdout
+    # The client alone would not have found these tasks: the output says where they were read.
+    [read_from] = [line for line in done.stdout.splitlines() if line.startswith(f"Read from: {pathspec}: ")]
+    assert "local metadata" in read_from and "its directory" in read_from, read_from
     assert ws.engine().get(killed["escrow_id"])["status"] == "refunded"
     assert payer(ws) == {"usdc": MINTED - Decimal("2.25"), "locked": Decimal(0)}
     assert worker_usdc(ws) == paid_to_worker("0.25", "1.00", "1.00")
