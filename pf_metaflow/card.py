@@ -10,7 +10,8 @@ In a flow's end step::
 
 For a flow that never imports pf_metaflow, the same card is a card type:
 ``python flow.py run --with card:type=pf_ledger`` (on the steps that have a ledger,
-usually ``end``; registered by ``metaflow_extensions/pf_metaflow/plugins/cards``).
+usually ``end``; registered by ``metaflow_extensions/pf_metaflow/plugins/cards``, defined
+in ``_ledger_card`` so that Metaflow's import of it stays light).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import re
 from typing import Any, Iterable, Mapping, Optional
 
 from metaflow.exception import MetaflowException
-from metaflow.plugins.cards.card_modules.card import MetaflowCard
 
 from . import ledger as ledger_mod
+from ._ledger_card import CARD_TYPE, PfLedgerCard  # noqa: F401 - the card type, importable from here too
 from .ledger import ordered, shorten  # noqa: F401 - part of this module's API too
 from .money import usdc_str
 
-CARD_TYPE = "pf_ledger"
 REASON_CHARS = 160  # the full reason is in the ledger; the card keeps it to a line or two
 # Fewer columns than the terminal table, so the card fits a 1200 px window (Metaflow's
 # card page keeps ~800 px for content): fees are in the totals, reasons listed below.
@@ -186,29 +186,3 @@ def fail_if_unpaid(entries: Iterable[Mapping[str, Any]]) -> None:
             f"{len(missing)} paid task{'s' if len(missing) != 1 else ''} went unpaid ({names}): no "
             "escrow could be created, so nothing was locked and the work did not run. The summary "
             "above says why; `pf-metaflow ledger FLOW/RUN` lists them")
-
-
-class PfLedgerCard(MetaflowCard):
-    """``--with card:type=pf_ledger``: the task's ``pf_ledger`` artifact as a card."""
-
-    type = CARD_TYPE
-    ALLOW_USER_COMPONENTS = True
-
-    def __init__(self, options: Optional[dict] = None, components: Optional[list] = None,
-                 graph: Any = None, **kwargs: Any) -> None:
-        self._options = options or {}
-        self._components = components or []
-        self._graph = graph
-
-    def render(self, task: Any) -> str:
-        from metaflow.plugins.cards.card_modules.basic import BlankCard
-
-        entries = task["pf_ledger"].data if "pf_ledger" in task else []
-        comps = ledger_card(entries)
-        if not entries:
-            from metaflow.cards import Markdown
-
-            comps.insert(1, Markdown(f"_Task {task.pathspec} has no `pf_ledger` artifact: "
-                                     "put this card on a step after the paid ones, e.g. `end`._"))
-        return BlankCard(options={"title": "Purple Flea payments"}, components=self._components,
-                         graph=self._graph).render(task, components=comps)

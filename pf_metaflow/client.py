@@ -4,7 +4,9 @@
 or ``pf-metaflow sandbox serve``: :mod:`pf_metaflow._http`) or calls the SQLite sandbox
 engine in-process (the default when ``PF_ESCROW_URL`` is unset: :mod:`pf_metaflow._embedded`).
 What the service's answers mean is read in :mod:`pf_metaflow.answers`; what is retried
-is :mod:`pf_metaflow.retries`' one policy.
+is :mod:`pf_metaflow.retries`' one policy. The embedded path loads neither the HTTP
+transport (requests), the retry policy (tenacity) nor the rate-limit pacing: every paid
+Metaflow task is a new process, and it pays for each module it imports.
 
 A create is retried only when the service provably did nothing (429, a request that
 never left), or with an ``Idempotency-Key`` on a server that honours it. Otherwise a
@@ -48,12 +50,13 @@ from .errors import (
 )
 from .ids import check_agent_id, check_api_key, check_description, check_escrow_id, redact
 from .money import AmountLike, parse_usdc, usdc_str
-from .pacing import Budget, Pacer
 from .retries import Resend, retry_policy, run
 
-if TYPE_CHECKING:  # requests and tenacity load only for http(s) URLs
+if TYPE_CHECKING:  # requests, tenacity and the pacing load only for http(s) URLs
     import requests
     import tenacity
+
+    from .pacing import Pacer
 
 __all__ = [
     "Escrow",
@@ -177,6 +180,7 @@ class EscrowClient:
             self._transport = EmbeddedTransport(path, key)
             return
         from ._http import HttpTransport, http_base
+        from .pacing import Pacer
 
         base = http_base(url, key)
         assert key is not None  # http_base refuses a URL without one
@@ -362,6 +366,8 @@ class EscrowClient:
             return self._run(attempt)
         # Over HTTP, creates share the run's rate-limit window with every other process
         # using this URL and key: wait for a slot rather than stampede (pf_metaflow.pacing).
+        from .pacing import Budget
+
         budget = Budget("create escrow", self.max_wait)
         retry = self.max_attempts > 1
         return self._run(lambda: pacer.send(attempt, budget, retry))

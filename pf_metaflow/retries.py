@@ -12,8 +12,9 @@ Waits the server imposes (``Retry-After``, a 429) do not use up ``max_attempts``
 are bounded by ``max_wait`` in total, and logged once per call. Creates over HTTP are
 also paced across processes by :mod:`pf_metaflow.pacing`.
 
-tenacity is imported only when a policy is built: the embedded sandbox has nothing to
-retry and never loads it. Tests replace :data:`_sleep` to record waits instead of
+tenacity (and :mod:`pf_metaflow.pacing`, for the window of a 429) is imported only when
+a policy is built or consulted: the embedded sandbox has nothing to retry and never
+loads either. Tests replace :data:`_sleep` to record waits instead of
 sleeping.
 """
 
@@ -24,7 +25,6 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from .errors import AmbiguousOutcome, NetworkError, RateLimited, ServiceUnavailable
-from .pacing import DEFAULT_WINDOW, margin, parse_limit
 
 if TYPE_CHECKING:
     import tenacity
@@ -67,6 +67,8 @@ def _window_wait(exc: Optional[BaseException]) -> Optional[float]:
     plus a little slack. Waiting that long from now always outlasts the server's window."""
     if not isinstance(exc, RateLimited) or _asked_wait(exc) is not None:
         return None
+    from .pacing import DEFAULT_WINDOW, margin, parse_limit  # HTTP only (see the module docstring)
+
     window = parse_limit(exc.message)[1] or DEFAULT_WINDOW
     return window + margin(window)
 

@@ -87,6 +87,7 @@ def test_every_paid_attempt_opens_the_database_once_and_builds_one_client(counte
         assert probing.count(task, "sqlite3.connect") == 1, task["stats"]
         assert probing.count(task, "engine.schema_check") <= 1, task["stats"]
         assert probing.count(task, "client.construct") == 1, task["stats"]
+        assert probing.count(task, "metadata.task_records") == 1, task["stats"]
 
 
 def test_each_escrow_state_is_one_metadata_call(counted):
@@ -136,3 +137,40 @@ def test_default_client_is_built_once_and_its_engine_opened_once(tmp_path, monke
         escrow = first.create(Decimal("0.10"), counterparty_agent_id="ag_sandbox_worker", description="count")
         first.release(escrow.escrow_id)
     assert len(opened) == 1
+
+
+def test_the_flow_wide_graph_checks_run_once_per_process(counted):
+    # Metaflow calls every paid step's step_init in every process that loads the flow; the
+    # checks that look at every step (budget keys, join mergers) run once, not once per step.
+    for task in counted["paid"]:
+        assert probing.count(task, "hook.step_init") == 2, task["stats"]  # the two paid steps
+        assert probing.count(task, "graph.flow_checks") == 1, task["stats"]
+
+
+# What Metaflow's extension loads in every process: the decorator classes and the card type.
+EXTENSION_MODULES = {"pf_metaflow", "pf_metaflow._step_decorator", "pf_metaflow._ledger_card"}
+# What an embedded paid task has no use for: HTTP transport, retry policy and pacing, cards,
+# reading runs, the CLI, the sandbox server, the MCP toolkit.
+NOT_ON_THE_EMBEDDED_PATH = {"tenacity", "pf_metaflow._http", "pf_metaflow.pacing",
+                            "pf_metaflow.card", "pf_metaflow.runs", "pf_metaflow.cli", "pf_metaflow.api",
+                            "pf_metaflow.sandbox.server", "pf_metaflow.sandbox.hosting",
+                            "pf_metaflow.mcp.toolkit", "pf_metaflow.preflight"}
+
+
+def test_tasks_load_only_the_modules_they_use(counted):
+    for task in counted["plain"]:  # no paid step: not even decimal
+        assert set(task["modules"]) == EXTENSION_MODULES, (task["task"], task["modules"])
+    for task in counted["paid"]:
+        assert EXTENSION_MODULES <= set(task["modules"])
+        assert not set(task["modules"]) & NOT_ON_THE_EMBEDDED_PATH, (task["task"], task["modules"])
+
+
+def test_the_runtime_keeps_the_sandbox_log_for_the_tasks_after_the_first(counted):
+    # Metaflow's runtime holds the embedded sandbox's database open once it exists, so a task's
+    # exit is never the last connection's close (which checkpoints and deletes the WAL, two
+    # fsyncs) and the next task finds the WAL there instead of making it again.
+    paid = _by_step(counted["paid"])
+    (start,) = paid["start"]
+    assert probing.count(start, "engine.open_found_log") == 0  # the run's first task made the file
+    for task in paid["flaky"]:
+        assert probing.count(task, "engine.open_found_log") == 1, task["stats"]

@@ -668,3 +668,75 @@ def test_a_database_locked_too_long_is_service_unavailable_and_changes_nothing(t
     assert engine.balance(PAYER)["locked"] == D(0)
     create(engine, "1")
     engine.check_invariant()
+
+
+# -- a process that starts many (Metaflow's runtime) holds the file open ---------------------
+
+
+def _wal(path) -> bool:
+    return os.path.exists(f"{path}-wal")
+
+
+def test_hold_open_never_creates_a_database(tmp_path):
+    try:
+        assert engine_module.hold_open(tmp_path / "none" / "escrow.db") is False
+        assert not (tmp_path / "none").exists()
+    finally:
+        engine_module.release_held()
+
+
+def test_a_held_database_keeps_its_log_when_a_task_closes_and_loses_nothing(tmp_path):
+    path = tmp_path / "escrow.db"
+    first = SandboxEngine(path)
+    create(first, "1")
+    first.close()  # the last connection out checkpoints the log and deletes it
+    assert not _wal(path)
+    try:
+        assert engine_module.hold_open(path) is True
+        assert engine_module.hold_open(path) is True  # one holder per file
+        task = SandboxEngine(path)  # a task: opens, pays, closes
+        escrow = create(task, "2")
+        task.release(PAYER, escrow["escrow_id"])
+        task.close()
+        assert _wal(path), "the holder keeps the log: the task's close is not the last one"
+        reader = SandboxEngine(path)
+        assert reader.balance(PAYER)["locked"] == D("1")
+        assert usdc(reader, WORKER) == D("1.98")
+        reader.close()
+    finally:
+        engine_module.release_held()
+    assert not _wal(path), "the holder's close is the last one: the log is checkpointed and deleted"
+    after = SandboxEngine(path)
+    after.check_invariant()
+    assert usdc(after, WORKER) == D("1.98")
+
+
+def test_a_held_connection_blocks_no_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "escrow.db"
+    SandboxEngine(path).check_invariant()
+    try:
+        engine_module.hold_open(path)
+        engine = SandboxEngine(path)
+        for amount in ("1", "2", "3"):
+            escrow = create(engine, amount)
+            engine.release(PAYER, escrow["escrow_id"])
+        assert engine._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy
+        engine.check_invariant()
+    finally:
+        engine_module.release_held()
+
+
+def test_a_forked_child_never_closes_the_parents_held_connection(tmp_path):
+    path = tmp_path / "escrow.db"
+    SandboxEngine(path).check_invariant()
+    try:
+        engine_module.hold_open(path)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if not engine_module._HELD else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert engine_module._HELD
+    finally:
+        engine_module.release_held()

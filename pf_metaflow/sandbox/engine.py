@@ -120,6 +120,59 @@ CREATE TABLE IF NOT EXISTS totals (
 # collector does not close them either.
 _INHERITED: list = []
 
+# Idle connections this process holds open (hold_open), by database file.
+_HELD: dict = {}
+
+
+def hold_open(path: str | os.PathLike) -> bool:
+    """Keep one idle connection to an existing sandbox database open in this process, until
+    :func:`release_held`: for a process that starts many short-lived processes using the
+    file (Metaflow's runtime: every task is a process of its own). True if one is held.
+
+    The last connection to a WAL database to close checkpoints the log into the database
+    file (syncing both to disk: two fsyncs) and deletes it, and the next process to open the
+    file makes the log and its shared memory again; without a holder, every paid task did
+    both. With one, the log lives as long as the holder, and SQLite checkpoints it the way
+    it does under the long-lived HTTP sandbox server: every 1,000 pages (``PRAGMA
+    wal_autocheckpoint``), and once more when the holder closes. What a commit guarantees is
+    what ``synchronous = NORMAL`` promises either way (see ``SandboxEngine._open``): it
+    survives a killed process, only a power cut can lose the last commits. Crash safety for
+    many processes is untouched: the holder reads nothing and holds no transaction, so it
+    blocks no writer and no checkpoint. It never creates a database (False when there is
+    none yet: the first task makes it, later tasks benefit).
+    """
+    key = str(pathlib.Path(path).absolute())
+    if key in _HELD:
+        return True
+    if not os.path.isfile(key):
+        return False
+    conn = sqlite3.connect(key, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    try:
+        # One statement joins the WAL (its shared memory); autocommit ends the read at once.
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error:
+        conn.close()
+        return False
+    _HELD[key] = conn
+    return True
+
+
+def release_held() -> None:
+    """Close the connections :func:`hold_open` holds (the last one out checkpoints the log)."""
+    while _HELD:
+        _, conn = _HELD.popitem()
+        conn.close()
+
+
+def _forget_held_in_child() -> None:
+    # A forked child must never close the parent's held connections (see _INHERITED).
+    _INHERITED.extend(_HELD.values())
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held_in_child)
+
 
 def _micro(amount: Decimal) -> int:
     return int(amount.scaleb(6))
@@ -240,11 +293,10 @@ class SandboxEngine:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
             str(self.path),
-            timeout=BUSY_TIMEOUT_S,
+            timeout=BUSY_TIMEOUT_S,  # SQLite's busy timeout: a locked database is waited for
             isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
             check_same_thread=False,
         )
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         self._set_wal(conn)
         # WAL + NORMAL: a commit survives a killed process (what tasks do); only a power
         # cut can lose the last commits, which a local sandbox can afford.
@@ -435,18 +487,17 @@ class SandboxEngine:
                             details={"idempotency_key": idempotency_key},
                         )
                     return _record_from_json(stored[1]), True
-            if conn.execute(
-                "SELECT 1 FROM agents WHERE agent_id = ?", (counterparty,)
-            ).fetchone() is None:
+            # Both agents in one read: the counterparty must exist, the creator's balance counts.
+            balances = dict(conn.execute(
+                "SELECT agent_id, usdc FROM agents WHERE agent_id IN (?, ?)", (counterparty, creator_id)
+            ).fetchall())
+            if counterparty not in balances:
                 raise NotFound(
                     f"counterparty agent {counterparty} not found", code="counterparty_not_found"
                 )
-            row = conn.execute(
-                "SELECT usdc FROM agents WHERE agent_id = ?", (creator_id,)
-            ).fetchone()
-            if row is None:
+            if creator_id not in balances:
                 raise NotFound(f"creator agent {creator_id} not found", code="creator_not_found")
-            balance = row[0]
+            balance = balances[creator_id]
             if balance < micro:
                 # Escrows of this creator that timed out give money back when touched.
                 self._expire_due(conn, creator_id=creator_id)

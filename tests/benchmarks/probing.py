@@ -66,3 +66,10 @@ def per_task_ms(records: list[dict], name: str) -> tuple[float, float, float]:
         return 0.0, 0.0, 0.0
     return (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows) * 1000,
             statistics.median(r[2] for r in rows) * 1000)
+
+
+def cpu_after_metaflow(record: dict) -> float:
+    """CPU seconds of a process after ``import metaflow`` returned (which loads pf-metaflow's
+    extension): everything a paid task does that a plain one does not happens after it."""
+    return record["cpu"] - record.get("cpu_at", {}).get("metaflow_imported", 0.0)
+

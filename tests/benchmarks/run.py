@@ -15,9 +15,11 @@ noise from a shared machine falls on both sides alike):
    ratio;
 4. sandbox engine lifecycles (create + release) per second: in-process, and over
    HTTP with 16 concurrent clients; one create + release over HTTP, sequential (ms);
-5. the extra CPU of a paid task over a plain one, and where it goes (per hook, imports,
-   engine open, client construction, metadata writes), from a probe loaded into every
-   task process (``tests/benchmarks/probe/sitecustomize.py``);
+5. the extra CPU of a paid task over a plain one (their CPU after ``import metaflow``, where
+   all the difference lies), and where it goes (per hook, imports, engine open, client
+   construction, metadata writes), from a probe loaded into every task process
+   (``tests/benchmarks/probe/sitecustomize.py``); and what pf-metaflow's Metaflow extension
+   costs every Metaflow process (``python -c "import metaflow"`` with and without it);
 6. ``pf-metaflow ledger`` and ``reconcile`` on a run of 1,000 paid shards (100 with
    ``--quick``), as the CLI (a new process) and in-process.
 
@@ -328,6 +330,47 @@ def bench_http_concurrent(server: SandboxServer, clients: int, per_client: int, 
     return (f"sandbox over HTTP, {clients} concurrent clients (threads)", rates)
 
 
+def without_our_extension(root: Path) -> Optional[dict]:
+    """Environment in which Metaflow loads every extension but pf-metaflow's, or None when they
+    share one directory (a non-editable install): then this cannot be measured."""
+    import importlib.util
+
+    import metaflow_extensions
+
+    spec = importlib.util.find_spec("metaflow_extensions.pf_metaflow")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    ours = Path(list(spec.submodule_search_locations)[0]).resolve().parent  # .../metaflow_extensions
+    if any(p.name not in ("pf_metaflow", "__pycache__") for p in ours.iterdir()):
+        return None
+    others = [str(Path(p).resolve().parent) for p in metaflow_extensions.__path__
+              if Path(p).is_dir() and Path(p).resolve() != ours]
+    return {"METAFLOW_EXTENSIONS_SEARCH_DIRS": os.pathsep.join(others) or str(root / "no_extensions")}
+
+
+def bench_extension(root: Path, reps: int) -> Optional[dict[str, list[float]]]:
+    """CPU seconds of ``python -c "import metaflow"`` with and without pf-metaflow's extension,
+    alternately: what having pf-metaflow installed costs every Metaflow process (every
+    command, every task of every flow, paid or not). None where it cannot be measured."""
+    no_ext = without_our_extension(root)
+    if no_ext is None:
+        return None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
+
+    def one(extra: dict) -> float:
+        proc = subprocess.Popen([sys.executable, "-c", "import metaflow"], env={**env, **extra}, cwd=root,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        err = proc.stderr.read()
+        proc.stderr.close()
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"import metaflow failed: {err[-2000:]!r}")
+        return usage.ru_utime + usage.ru_stime
+
+    one({}), one(no_ext)  # warm up: bytecode
+    return interleaved({"with": lambda: one({}), "without": lambda: one(no_ext)}, reps)
+
+
 def bench_profile(root: Path, steps: int, reps: int) -> dict:
     """Per task process: CPU of a paid task vs a plain one, and the paid task's breakdown.
 
@@ -352,9 +395,14 @@ def bench_profile(root: Path, steps: int, reps: int) -> dict:
     interleaved({name: runner(name) for name in dirs}, reps)
     records = {name: [r for out in outs[name] for r in probing.read(out)] for name in dirs}
     cpu = {name: [t["cpu"] for t in probing.tasks(records[name])] for name in dirs}
+    # A task's CPU after `import metaflow` returned: where every difference between a paid and a
+    # plain task lies (both load pf-metaflow's extension inside that import). The whole process
+    # (~300 ms, mostly Python and Metaflow starting) swings by 10 ms and more between runs on a
+    # shared machine, which drowns a difference of a few ms; this part swings far less.
+    after = {name: [probing.cpu_after_metaflow(t) for t in probing.tasks(records[name])] for name in dirs}
     # Paired: per repetition, median paid task minus median plain task.
-    paired = [median([t["cpu"] for t in probing.tasks(probing.read(p))])
-              - median([t["cpu"] for t in probing.tasks(probing.read(q))])
+    paired = [median([probing.cpu_after_metaflow(t) for t in probing.tasks(probing.read(p))])
+              - median([probing.cpu_after_metaflow(t) for t in probing.tasks(probing.read(q))])
               for q, p in zip(outs["plain"], outs["paid"])]
     rows = [(label, *probing.per_task_ms(records["paid"], key)) for key, label in probing.ROWS]
     plain_imports = probing.per_task_ms(records["plain"], "import.pf_metaflow")
@@ -362,9 +410,9 @@ def bench_profile(root: Path, steps: int, reps: int) -> dict:
     run_step = {name: probing.per_task_ms(records[name], "hook.metaflow_run_step")[2] for name in dirs}
     hooks_cpu = sum(probing.per_task_ms(records["paid"], key)[1] for key, _ in probing.ROWS
                     if key.startswith("hook."))
-    return {"cpu_plain": cpu["plain"], "cpu_paid": cpu["paid"], "paired": paired, "rows": rows,
-            "plain_imports": plain_imports, "steps": steps, "reps": reps, "wall": wall,
-            "run_step": run_step, "hooks_cpu": hooks_cpu}
+    return {"cpu_plain": cpu["plain"], "cpu_paid": cpu["paid"], "after_plain": after["plain"],
+            "after_paid": after["paid"], "paired": paired, "rows": rows, "plain_imports": plain_imports,
+            "steps": steps, "reps": reps, "wall": wall, "run_step": run_step, "hooks_cpu": hooks_cpu}
 
 
 def bench_ledger(root: Path, shards: int, workers: int) -> dict:
@@ -459,6 +507,11 @@ def machine() -> list[str]:
     ]
 
 
+def profile_extra_ms(profile: dict) -> float:
+    """Extra CPU of a paid task over a plain one: medians of their CPU after `import metaflow`."""
+    return (median(profile["after_paid"]) - median(profile["after_plain"])) * 1000
+
+
 def fmt(value: float, unit: str) -> str:
     return f"{value:8.2f} {unit}" if unit == "s" else f"{value:8.3f} {unit}"
 
@@ -508,6 +561,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ratios: list[tuple] = []
     rates: list[tuple] = []
     profile: Optional[dict] = None
+    extension: Optional[dict] = None
     ledger: Optional[dict] = None
     try:
         cycles, blocks = (50, 3) if args.quick else (200, 7)
@@ -517,9 +571,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         rates.append(bench_http_concurrent(server, 16, 10 if args.quick else 40, 2 if args.quick else 5))
         _progress([], rates)
         if not args.skip_flows:
+            extension = bench_extension(root, 15 if args.quick else 40)
             profile = bench_profile(root, args.profile_steps, args.profile_reps)
-            print(f"  .. extra CPU per paid task: "
-                  f"{(median(profile['cpu_paid']) - median(profile['cpu_plain'])) * 1000:.1f} ms", flush=True)
+            print(f"  .. extra CPU per paid task: {profile_extra_ms(profile):.1f} ms", flush=True)
             ratios += bench_linear(root, args.steps, args.reps, server)
             _progress(ratios[-2:])
             ratios += bench_foreach(root, args.shards, args.foreach_reps, args.workers,
@@ -532,7 +586,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    print(report(header, ratios, rates, profile, ledger))
+    print(report(header, ratios, rates, profile, ledger, extension))
     return 0
 
 
@@ -544,7 +598,7 @@ def _progress(ratios: list[tuple], rates: list[tuple] = ()) -> None:
 
 
 def report(header: list[str], ratios: list[tuple], rates: list[tuple], profile: Optional[dict] = None,
-           ledger: Optional[dict] = None) -> str:
+           ledger: Optional[dict] = None, extension: Optional[dict] = None) -> str:
     width = max([len(r[0]) for r in ratios] + [len(r[0]) for r in rates] + [40])
     lines = ["", "pf-metaflow benchmarks", *header, ""]
     lines.append(f"{'measurement':<{width}}  {'baseline':>11}  {'with pf':>11}  {'ratio':>6}  "
@@ -562,12 +616,15 @@ def report(header: list[str], ratios: list[tuple], rates: list[tuple], profile: 
                      f"{max(values):6.0f}  {len(values)}")
     lines.append("")
     if profile:
-        extra = (median(profile["cpu_paid"]) - median(profile["cpu_plain"])) * 1000
+        extra = profile_extra_ms(profile)
         lines.append(f"a paid task vs a plain one ({profile['steps']}-step linear flow, embedded sandbox, "
                      f"{profile['reps']} runs each, alternating; CPU of each task process)")
-        lines.append(f"  plain task CPU  {median(profile['cpu_plain']) * 1000:7.1f} ms   "
-                     f"paid task CPU {median(profile['cpu_paid']) * 1000:7.1f} ms   "
-                     f"extra {extra:+.1f} ms (paired per run: {median(profile['paired']) * 1000:+.1f} ms)")
+        lines.append(f"  whole task process: plain {median(profile['cpu_plain']) * 1000:7.1f} ms, "
+                     f"paid {median(profile['cpu_paid']) * 1000:7.1f} ms "
+                     f"(swings by 10 ms and more between runs here)")
+        lines.append(f"  after `import metaflow` returned: plain {median(profile['after_plain']) * 1000:5.1f} ms, "
+                     f"paid {median(profile['after_paid']) * 1000:5.1f} ms: extra {extra:+.1f} ms "
+                     f"(paired per run: {median(profile['paired']) * 1000:+.1f} ms)")
         lines.append(f"  {'where a paid task spends it (median per task)':<62} {'calls':>5} {'cpu ms':>7} "
                      f"{'wall ms':>8}")
         for label, calls, cpu_ms, wall_ms in profile["rows"]:
@@ -581,6 +638,13 @@ def report(header: list[str], ratios: list[tuple], rates: list[tuple], profile: 
                      f"{median(profile['wall']['plain']) * 1000:.0f} ms,"
                      f" paid {median(profile['wall']['paid']) * 1000:.0f} ms; Metaflow run_step: plain "
                      f"{profile['run_step']['plain']:.1f} ms, paid {profile['run_step']['paid']:.1f} ms")
+        lines.append("")
+    if extension:
+        with_ext, without = median(extension["with"]) * 1000, median(extension["without"]) * 1000
+        paired_ext = median([b - a for a, b in zip(extension["without"], extension["with"])]) * 1000
+        lines.append(f"pf-metaflow's Metaflow extension, in every Metaflow process: `python -c \"import metaflow\"` "
+                     f"takes {with_ext:.1f} ms CPU with it, {without:.1f} ms without ({len(extension['with'])} "
+                     f"each, alternating): {with_ext - without:+.1f} ms (paired {paired_ext:+.1f} ms)")
         lines.append("")
     if ledger:
         lines.append(f"ledger and reconcile on a run of {ledger['shards']} paid shards "
@@ -598,7 +662,7 @@ def report(header: list[str], ratios: list[tuple], rates: list[tuple], profile: 
         lines.append(f"  {text:<58} {value:>12}  {'met' if ok else 'NOT met'}")
 
     if profile:
-        extra = (median(profile["cpu_paid"]) - median(profile["cpu_plain"])) * 1000
+        extra = profile_extra_ms(profile)
         goal("extra CPU per paid task <= 5 ms (embedded)", f"{extra:.1f} ms", extra <= 5)
     for name, base, test, unit, _base_cpu, _test_cpu in ratios:
         ratio = median(test) / median(base)

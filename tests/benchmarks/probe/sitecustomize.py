@@ -4,24 +4,28 @@ Active only when ``PF_BENCH_PROBE`` names a directory and this directory is on
 ``PYTHONPATH`` (Python imports ``sitecustomize`` at start-up). In every Metaflow task
 process it then wraps, without changing what they do:
 
-- the ``@pf_escrow_step`` hooks (``step_init``, ``task_pre_step``, ``_lock_escrow`` (the
-  lock done by ``task_decorate``'s wrapper), ``task_post_step``, ``task_exception``,
-  ``task_finished``): calls, CPU and wall seconds (inclusive: a hook's time contains
-  the engine opening, client building and metadata writes it caused);
-- the parts: ``SandboxEngine._open`` (connect + pragmas + schema check),
+- the ``@pf_escrow_step`` hooks (``step_init``, ``task_pre_step``, ``task_decorate``,
+  ``task_post_step``, ``task_exception``, ``task_finished``, and ``PaidStep._lock_escrow``: the
+  lock done by ``task_decorate``'s wrapper): calls, CPU and wall seconds (inclusive: a hook's
+  time contains the engine opening, client building and metadata writes it caused);
+- the parts: ``SandboxEngine._open`` (connect + pragmas + schema check; and whether the
+  database's WAL was already there, kept by another connection),
   ``SandboxEngine._ensure_schema``, ``sqlite3.connect``, ``EscrowClient.__init__``,
-  ``default_client``, the decorator's metadata writes (``_record`` = escrow records,
-  ``_write_lease`` = lease records), every ``register_metadata`` call of the metadata
-  provider, ``SandboxEngine.create`` / ``release``;
+  ``default_client``, the paid step's metadata writes (``PaidStep._record`` = escrow records,
+  ``PaidStep._write_lease`` = lease records) and reads of its task's escrow records
+  (``PaidStep._records``), the flow-wide graph checks (``_check_budget_keys``), every
+  ``register_metadata`` call of the metadata provider, ``SandboxEngine.create`` / ``release``;
 - imports of ``pf_metaflow`` modules (outermost only, so nested imports are not counted
-  twice; a pf_metaflow module's own imports of e.g. requests count under it);
+  twice; a pf_metaflow module's own imports of e.g. requests count under it), and which
+  ``pf_metaflow`` modules (and ``decimal``, ``sqlite3``, ``tenacity``) the process loaded;
 
 - Metaflow's ``MetaflowTask.run_step`` (in plain tasks too) and the moment ``metaflow``
   finished importing, as a timeline of the process;
 
 and at exit writes ``<pid>.json`` to that directory with the counts, times, the
-process's total CPU seconds, its wall seconds since this probe loaded, the timeline and
-its command line (to tell task processes apart). The wrapping costs a few microseconds
+process's total CPU seconds (and its CPU seconds when ``import metaflow`` returned), its
+wall seconds since this probe loaded, the timeline and its command line (to tell task
+processes apart). The wrapping costs a few microseconds
 per call; a plain and a paid task both carry the probe.
 """
 
@@ -43,6 +47,7 @@ if _OUT:
     _depth = {"import": 0}
 
     _timeline = []
+    _cpu_at = {}  # process CPU seconds at moments of the process's life
 
     def _add(name, cpu, wall):
         if name.startswith("hook."):
@@ -69,6 +74,19 @@ if _OUT:
         if fn is not None and not getattr(fn, "__pf_probe__", False):
             setattr(owner, attr, _timed(name, fn))
 
+    def _note_log(cls):
+        # Whether the database's WAL was there when this process opened it: kept alive by
+        # another connection (Metaflow's runtime holds one) rather than made anew.
+        opened = cls._open
+
+        @functools.wraps(opened)
+        def _open(self, *args, **kwargs):
+            if os.path.exists(f"{self.path}-wal"):
+                _add("engine.open_found_log", 0.0, 0.0)
+            return opened(self, *args, **kwargs)
+        _open.__pf_probe__ = True
+        cls._open = _open
+
     def _patch(module):
         name = module.__name__
         if name == "pf_metaflow._step_decorator":
@@ -76,13 +94,18 @@ if _OUT:
             for hook in ("step_init", "task_pre_step", "task_decorate", "task_post_step",
                          "task_exception", "task_finished"):
                 _wrap(cls, hook, f"hook.{hook}")
+        elif name == "pf_metaflow._paid_step":  # what the hooks hand over to
+            cls = module.PaidStep
             _wrap(cls, "_lock_escrow", "hook.task_decorate/lock")
             _wrap(cls, "_record", "metadata.escrow_record")
             _wrap(cls, "_write_lease", "metadata.lease_record")
             _wrap(cls, "_note", "ledger.artifacts")
+            _wrap(cls, "_records", "metadata.task_records")
+            _wrap(module, "_check_budget_keys", "graph.flow_checks")
         elif name == "pf_metaflow.sandbox.engine":
             cls = module.SandboxEngine
             _wrap(cls, "_open", "engine.open")
+            _note_log(cls)
             _wrap(cls, "_ensure_schema", "engine.schema_check")
             _wrap(cls, "create", "engine.create")
             _wrap(cls, "release", "engine.release")
@@ -93,6 +116,7 @@ if _OUT:
             _wrap(module.MetaflowTask, "run_step", "hook.metaflow_run_step")
         elif name == "metaflow":
             _add("hook.metaflow_imported", 0.0, 0.0)
+            _cpu_at["metaflow_imported"] = time.process_time()
         elif name == "sqlite3":
             _wrap(module, "connect", "sqlite3.connect")
         elif name.startswith("metaflow.plugins.metadata_providers."):
@@ -140,9 +164,11 @@ if _OUT:
         try:
             os.makedirs(_OUT, exist_ok=True)
             with open(os.path.join(_OUT, f"{os.getpid()}.json"), "w") as fh:
-                json.dump({"argv": sys.argv, "cpu": time.process_time(),
+                modules = sorted(m for m in sys.modules
+                                 if m.startswith("pf_metaflow") or m in ("decimal", "sqlite3", "tenacity"))
+                json.dump({"argv": sys.argv, "cpu": time.process_time(), "cpu_at": _cpu_at,
                            "wall": time.perf_counter() - _born,
-                           "stats": _stats, "timeline": _timeline}, fh)
+                           "stats": _stats, "timeline": _timeline, "modules": modules}, fh)
         except OSError:
             pass
 
