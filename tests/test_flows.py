@@ -222,7 +222,8 @@ with Runner(sys.argv[1], show_output=False).run(total_budget_usdc=budget) as run
 """
 
 
-@pytest.mark.parametrize("budget", ["Decimal"] + [pytest.param(b, marks=pytest.mark.slow) for b in ("int", "str", "float")])
+@pytest.mark.parametrize("budget", ["Decimal", *(pytest.param(b, marks=pytest.mark.slow)
+                                                  for b in ("int", "str", "float"))])
 def test_runner_api_takes_the_budget_as_a_number_and_the_ledger_totals_are_exactly_12(ws, budget):
     # In a subprocess run from the workspace, as a user's script runs: Metaflow finds
     # pf-metaflow's extension (which teaches the Runner the USDC type) through the install.
