@@ -64,6 +64,11 @@ class Limits:
         Request line plus headers (over it: 431).
     max_body
         Request body bytes, with Content-Length or chunked (over it: 413).
+    drain_body
+        Bytes of a refused body read and dropped before the 413 (a lingering close, as web
+        servers do): closing with the client's bytes unread makes the kernel send a reset,
+        which can reach the client before it reads the answer. A body declared larger than
+        this is refused at once.
     graceful_shutdown
         Seconds requests in flight get to finish on SIGTERM / Ctrl-C.
     backlog
@@ -77,8 +82,12 @@ class Limits:
     keep_alive: int = 5
     max_header_bytes: int = 16 * 1024
     max_body: int = MAX_BODY
+    drain_body: int = 16 * MAX_BODY
     graceful_shutdown: int = 5
     backlog: int = 128
+
+
+_TOO_LARGE_MORE_TO_COME = b"\0 over the limit, more to come"  # a sentinel, compared by identity
 
 
 def _refusal(status: int, error: str, message: str, *, close: bool = True) -> bytes:
@@ -136,6 +145,8 @@ class WSGIBridge:
             await _send_json(send, 400, "invalid_request", "Content-Length is not a byte count")
             return
         if declared is not None and int(declared) > self.limits.max_body:
+            if int(declared) <= self.limits.drain_body:
+                await self._drain(receive, int(declared))
             await _send_json(send, 413, "payload_too_large",
                              f"request body is larger than {self.limits.max_body // 1024} KiB")
             return
@@ -147,7 +158,9 @@ class WSGIBridge:
                              f"the request body did not arrive within "
                              f"{self.limits.body_timeout:g}s")
             return
-        if body is None:
+        if body is None or body is _TOO_LARGE_MORE_TO_COME:
+            if body is _TOO_LARGE_MORE_TO_COME:
+                await self._drain(receive, self.limits.drain_body)
             await _send_json(send, 413, "payload_too_large",
                              f"request body is larger than {self.limits.max_body // 1024} KiB")
             return
@@ -157,7 +170,22 @@ class WSGIBridge:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"".join(chunks)})
 
+    async def _drain(self, receive: Callable, at_most: int) -> None:
+        """Read and drop what is left of a refused body: up to ``at_most`` bytes, within the
+        body timeout (see ``Limits.drain_body``)."""
+        dropped = 0
+        with anyio.move_on_after(self.limits.body_timeout):
+            while dropped <= at_most:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
     async def _read_body(self, receive: Callable) -> Optional[bytes]:
+        """The body; None if it is over the limit and has ended, ``_TOO_LARGE_MORE_TO_COME`` if
+        it is over the limit and the client is still sending."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -166,7 +194,7 @@ class WSGIBridge:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limits.max_body:
-                return None
+                return _TOO_LARGE_MORE_TO_COME if message.get("more_body", False) else None
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
