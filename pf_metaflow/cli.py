@@ -48,9 +48,15 @@ def _resolve_run(spec: str) -> str:
     if "/" in spec:
         return spec
     latest = latest_run(spec)
+    where = get_namespace()
     if latest is None:
-        raise LookupError(f"flow {spec!r} has no runs in namespace {get_namespace()!r}; "
+        where = f"namespace {where!r}" if where is not None else "any namespace"
+        raise LookupError(f"flow {spec!r} has no runs in {where}; "
                           f"name a run as {spec}/RUN_ID to read one someone else started")
+    if where is None:
+        print(f"pf-metaflow: Metaflow cannot tell who you are (no $METAFLOW_USER or $USER), so "
+              f"this is {spec}'s latest run by anyone: {latest}. Set METAFLOW_USER to the name "
+              "your runs were started with to read only yours.", file=sys.stderr)
     return latest
 
 

@@ -195,6 +195,7 @@ class _Location:
         try:
             # A pathspec names one run, whoever started it: no namespace check, and the
             # user's namespace (a global of the Metaflow client) is left as it was.
+            readable_namespace()
             Run(run, _namespace_check=False)
         except MetaflowNotFound as exc:
             flow, _, run_id = run.partition("/")
@@ -864,12 +865,31 @@ class _MetadataWriter:
                                          [escrow_metadatum(entry, "reconcile")])
 
 
+def readable_namespace() -> Optional[str]:
+    """The Metaflow client's namespace, made usable for reading where Metaflow cannot tell who
+    the user is (root with no ``$METAFLOW_USER``): every client object resolves the default
+    namespace (``user:<name>``) and would raise ``MetaflowUnknownUser``, even for a run named
+    by its pathspec. There, and only there, the client is switched to the global namespace
+    (None, returned): nobody's runs are "yours" when you have no name."""
+    from metaflow import get_namespace, namespace
+    from metaflow.exception import MetaflowUnknownUser
+
+    try:
+        return get_namespace()
+    except MetaflowUnknownUser:
+        namespace(None)
+        return None
+
+
 def latest_run(flow_name: str) -> Optional[str]:
     """The flow's latest run in the current namespace (the user's own, unless they chose another),
-    exactly as ``Flow(flow_name).latest_run`` resolves it; None when there is none."""
+    exactly as ``Flow(flow_name).latest_run`` resolves it; None when there is none. Where
+    Metaflow cannot tell who the user is, the latest run of anyone (see
+    :func:`readable_namespace`)."""
     from metaflow import Flow
     from metaflow.exception import MetaflowNamespaceMismatch
 
+    readable_namespace()
     try:
         run = Flow(flow_name).latest_run
     except MetaflowNamespaceMismatch:  # the flow exists, but none of its runs is in this namespace
