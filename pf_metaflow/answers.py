@@ -16,7 +16,6 @@ computes in floating point and rounds, so its 6-place figures are what moved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping, NamedTuple, Optional
@@ -44,9 +43,11 @@ __all__ = [
 # An escrow in one of these still holds its funds and can be released or refunded.
 OPEN_STATUSES = ("funded", "completed")
 
+# The answer types are NamedTuples, not dataclasses: every paid task is a new process that
+# defines them, and `dataclasses` plus a dataclass cost it ~2 ms (issue 13).
 
-@dataclass(frozen=True)
-class Escrow:
+
+class Escrow(NamedTuple):
     """An escrow as the service describes it (``GET /escrow/{id}`` or a create answer)."""
 
     escrow_id: str
@@ -70,8 +71,7 @@ class Escrow:
         return self.escrow_id
 
 
-@dataclass(frozen=True)
-class Settlement:
+class Settlement(NamedTuple):
     """What a release or refund did, or (``refund_pending``) will do by itself."""
 
     escrow_id: str
@@ -86,8 +86,6 @@ class Settlement:
     detail: str = ""  # human sentence on what happened
 
 
-# A NamedTuple, not a dataclass: every paid task is a new process that defines it, and a
-# dataclass costs ~0.5 ms to define there (issue 13).
 class Capabilities(NamedTuple):
     """What a server offers beyond the live protocol, as it advertises it."""
 
@@ -270,46 +268,31 @@ def settlement_of(escrow: Escrow) -> Optional[Settlement]:
     - ``refunded`` otherwise (the timeout sweep, the live service's only refund): back to
       the payer less the ``commission_usd`` the service kept.
     """
+    def settled(status: str, commission: Decimal, referral: Optional[Decimal], net: Decimal,
+                detail: str) -> Settlement:
+        return Settlement(escrow_id=escrow.escrow_id, status=status, amount_usd=escrow.amount_usd,
+                          commission_usd=commission, referral_commission_usd=referral, net_usd=net,
+                          detail=detail)
+
     if escrow.status == "released":
         commission = _commission(escrow)
         net = escrow.net_to_counterparty
         if net is None:
             net = escrow.amount_usd - commission
-        return Settlement(
-            escrow_id=escrow.escrow_id,
-            status="released",
-            amount_usd=escrow.amount_usd,
-            commission_usd=commission,
-            referral_commission_usd=None,
-            net_usd=net,
-            detail=f"already released (read back from the service): {usdc_str(net)} USDC to "
-            f"{escrow.counterparty_id or 'the counterparty'}",
-        )
+        return settled("released", commission, None, net,
+                       f"already released (read back from the service): {usdc_str(net)} USDC to "
+                       f"{escrow.counterparty_id or 'the counterparty'}")
     if escrow.status == "refunded":
         payer = escrow.creator_id or "the creator"
         if _refunded_in_full(escrow):
-            return Settlement(
-                escrow_id=escrow.escrow_id,
-                status="refunded",
-                amount_usd=escrow.amount_usd,
-                commission_usd=ZERO,
-                referral_commission_usd=ZERO,
-                net_usd=escrow.amount_usd,
-                detail=f"already refunded by a refund, in full: {usdc_str(escrow.amount_usd)} "
-                f"USDC back to {payer}",
-            )
+            return settled("refunded", ZERO, ZERO, escrow.amount_usd,
+                           f"already refunded by a refund, in full: {usdc_str(escrow.amount_usd)} "
+                           f"USDC back to {payer}")
         commission = _commission(escrow)
         net = escrow.amount_usd - commission
-        return Settlement(
-            escrow_id=escrow.escrow_id,
-            status="refunded",
-            amount_usd=escrow.amount_usd,
-            commission_usd=commission,
-            referral_commission_usd=None,
-            net_usd=net,
-            detail=f"already refunded automatically at its timeout: {usdc_str(net)} USDC back to "
-            f"{payer}, the service kept its {usdc_str(commission)} USDC commission",
-        )
+        return settled("refunded", commission, None, net,
+                       f"already refunded automatically at its timeout: {usdc_str(net)} USDC back to "
+                       f"{payer}, the service kept its {usdc_str(commission)} USDC commission")
     return None
 
 
