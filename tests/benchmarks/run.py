@@ -30,11 +30,13 @@ network beyond 127.0.0.1. Prints the machine and the date with the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +45,7 @@ import threading
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
@@ -272,19 +274,70 @@ def bench_client_vs_raw(server: SandboxServer, lifecycles: int, blocks: int) -> 
             return (time.perf_counter() - started) / lifecycles * 1000  # ms per lifecycle
         return timed
 
-    for warm in (with_client, with_post(requests.post), with_post(session.post)):
-        warm()
-    times = interleaved({
-        "client": block(with_client),
-        "requests.post": block(with_post(requests.post)),
-        "session": block(with_post(session.post)),
-    }, blocks)
+    # The floor of the stack: the same two posts on one session to an app that does nothing,
+    # served by uvicorn with the h11 protocol (as the sandbox is) in a process of its own.
+    floor_session = requests.Session()
+    with _echo_server() as echo_url:
+        def floor() -> None:
+            floor_session.post(echo_url + "/escrow/create", data=body, headers=headers, timeout=10).json()
+            floor_session.post(echo_url + "/escrow/release/x", headers=headers, timeout=10).raise_for_status()
+
+        for warm in (with_client, with_post(requests.post), with_post(session.post), floor):
+            warm()
+        times = interleaved({
+            "client": block(with_client),
+            "requests.post": block(with_post(requests.post)),
+            "session": block(with_post(session.post)),
+            "floor": block(floor),
+        }, blocks)
     return [
         ("EscrowClient create+release vs 2x requests.post", times["requests.post"], times["client"], "ms",
          None, None),
         ("EscrowClient create+release vs 2x Session.post", times["session"], times["client"], "ms",
          None, None),
+        ("2x Session.post: do-nothing uvicorn app vs the sandbox", times["floor"], times["session"], "ms",
+         None, None),
     ]
+
+
+_ECHO_APP = """
+import sys, uvicorn
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"escrow_id": "x"}'})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="h11", log_level="error",
+            lifespan="off", access_log=False)
+"""
+
+
+@contextlib.contextmanager
+def _echo_server() -> Iterator[str]:
+    import requests
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-c", _ECHO_APP, str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the do-nothing uvicorn app did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def bench_engine(root: Path, lifecycles: int, blocks: int) -> tuple:
@@ -670,6 +723,9 @@ def report(header: list[str], ratios: list[tuple], rates: list[tuple], profile: 
             goal(f"{name} paid/plain <= 1.03", f"{ratio:.3f}", ratio <= 1.03)
         elif unit == "s":
             goal(f"{name} paid/plain <= 1.05", f"{ratio:.3f}", ratio <= 1.05)
+        elif "do-nothing" in name:
+            lines.append(f"  {'  floor: the same 2 posts to a do-nothing uvicorn app':<58} "
+                         f"{median(base):9.2f} ms")
         elif "Session.post" in name:
             goal("client create+release / 2x Session.post <= 1.2", f"{ratio:.3f}", ratio <= 1.2)
             goal("HTTP sandbox create+release <= 2 ms (loopback, EscrowClient)", f"{median(test):.2f} ms",
