@@ -36,6 +36,36 @@ from pf_metaflow.sandbox.engine import SandboxEngine
 _PF_ENV = ("PF_ESCROW_URL", "PF_API_KEY", "PF_REFERRAL_CODE")
 
 
+class _FaultMatrixTables:
+    """Prints tests/test_fault_matrix.py's tables at the end of a run that ran any of its cells.
+
+    Registered here rather than by that module: under ``pytest -n`` the cells run in worker
+    processes, whose terminal summary nobody sees, while the controller that prints the summary
+    receives every cell's report (with its ``paid`` property) but imports no test module.
+    """
+
+    def __init__(self) -> None:
+        self._report = None
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if "test_fault_matrix.py::test_cell[" not in report.nodeid:
+            return
+        if self._report is None:
+            from test_fault_matrix import MatrixReport
+
+            self._report = MatrixReport()
+        self._report.pytest_runtest_logreport(report)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self._report is not None:
+            self._report.pytest_terminal_summary(terminalreporter)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # not a pytest-xdist worker
+        config.pluginmanager.register(_FaultMatrixTables(), "pf_fault_matrix")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)

@@ -2,7 +2,11 @@
 
 Each test gets its own working directory (so ``.metaflow/`` and the sandbox
 database don't leak between tests) and its own environment: ``METAFLOW_USER``
-set (CI runs as root), no ``PF_*`` variables unless the test gives them.
+set (CI runs as root), no ``PF_*`` variables unless the test gives them, and its
+own temporary directory (``TMPDIR``): a Metaflow task keeps its rate-limit windows
+in a file under the temp dir named by the escrow URL and key, and a server that
+another test starts later (in this process or another ``pytest -n`` worker) can be
+given the same port, hence the same file.
 """
 
 from __future__ import annotations
@@ -44,11 +48,15 @@ class Workspace:
     def __init__(self, path: Path, extra_env: Optional[dict] = None) -> None:
         self.path = path
         self.db = path / "escrow.db"
+        # Beside the workspace, not in it: tests create the workspace directory themselves.
+        self.tmp = path.parent / f"{path.name}.tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PF_", "METAFLOW_"))}
         self.env.update(
             METAFLOW_USER="pf-tester",
             PF_SANDBOX_DB=str(self.db),
             PYTHONUNBUFFERED="1",
+            TMPDIR=str(self.tmp),
             # Metaflow tasks print through its logger; keep the output plain.
             METAFLOW_DEFAULT_METADATA="local",
             METAFLOW_DEFAULT_DATASTORE="local",

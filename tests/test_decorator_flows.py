@@ -223,12 +223,16 @@ def test_budget_splits_exactly_over_steps_and_shards(ws):
     assert pf_metaflow.ledger_of(run.pathspec) == ledger["entries"]
 
 
+# One row per tier is enough to show a real run stops before any escrow; the other rows (each
+# message is also checked without a flow run in tests/test_bad_input.py) run under -m slow.
 @pytest.mark.parametrize("args, message", [
     (["--step_weights", '{"prep": 0.7, "shard": 0.5}'], "more than 1"),
-    (["--step_weights", '{"prep": 0.5, "shrad": 0.5}'], "'shrad', which is not a step"),
-    (["--step_weights", '{"prep": -0.5, "shard": 0.5}'], "must be a finite number >= 0"),
-    (["--total_budget_usdc", "1.00", "--num_shards", "20"], "below the 0.100000 USDC minimum"),
-    (["--total_budget_usdc", "nan"], "finite"),
+    *(pytest.param(*row, marks=pytest.mark.slow) for row in [
+        (["--step_weights", '{"prep": 0.5, "shrad": 0.5}'], "'shrad', which is not a step"),
+        (["--step_weights", '{"prep": -0.5, "shard": 0.5}'], "must be a finite number >= 0"),
+        (["--total_budget_usdc", "1.00", "--num_shards", "20"], "below the 0.100000 USDC minimum"),
+        (["--total_budget_usdc", "nan"], "finite"),
+    ]),
 ])
 def test_budget_errors_are_raised_before_any_escrow_is_created(ws, args, message):
     run = ws.run_flow(TESTFLOWS / "budget_flow.py", *args)
@@ -239,16 +243,19 @@ def test_budget_errors_are_raised_before_any_escrow_is_created(ws, args, message
 
 # -- graph-time checks -----------------------------------------------------------------------
 
+# Two rows in the default tier (an amount, a release gate); the rest run under -m slow.
 @pytest.mark.parametrize("args, message", [
     ('agent_wallet="ag_sandbox_worker", amount_usdc=0.05', "below the Purple Flea escrow minimum"),
-    ('agent_wallet="ag_sandbox_worker", amount_usdc="2.1234567"', "more than 6 decimal places"),
-    ('agent_wallet="ag_sandbox_worker", amount_usdc=-1', "must not be negative"),
-    ('agent_wallet="0xABC123", amount_usdc=1', "looks like an on-chain wallet address"),
-    ('agent_wallet="bob smith", amount_usdc=1', "is not a Purple Flea agent id"),
-    ('agent_wallet="ag_sandbox_worker", budget_key="trian"', "budget_key 'trian' is not a step"),
     ('agent_wallet="ag_sandbox_worker", amount_usdc=1, release_if="accuracy >>= 3"',
      "release_if 'accuracy >>= 3': the right side must be"),
-    ('agent_wallet="ag_sandbox_worker", amount_usdc=1, timeout_hours=0', "timeout_hours must be"),
+    *(pytest.param(*row, marks=pytest.mark.slow) for row in [
+        ('agent_wallet="ag_sandbox_worker", amount_usdc="2.1234567"', "more than 6 decimal places"),
+        ('agent_wallet="ag_sandbox_worker", amount_usdc=-1', "must not be negative"),
+        ('agent_wallet="0xABC123", amount_usdc=1', "looks like an on-chain wallet address"),
+        ('agent_wallet="bob smith", amount_usdc=1', "is not a Purple Flea agent id"),
+        ('agent_wallet="ag_sandbox_worker", budget_key="trian"', "budget_key 'trian' is not a step"),
+        ('agent_wallet="ag_sandbox_worker", amount_usdc=1, timeout_hours=0', "timeout_hours must be"),
+    ]),
 ])
 def test_wrong_use_is_caught_when_the_flow_is_checked(ws, args, message):
     flow = write_flow(ws.path, "bad_flow.py", DECORATED_START_FLOW.format(args=args))

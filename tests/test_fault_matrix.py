@@ -791,9 +791,5 @@ class MatrixReport:
                 seen.add(cell.why)
         return out
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_matrix(request):
-    plugins = request.config.pluginmanager
-    if plugins.get_plugin("pf_fault_matrix") is None:
-        plugins.register(MatrixReport(), "pf_fault_matrix")
+# tests/conftest.py registers the report (pytest_configure): in the process that prints the
+# summary, which under ``pytest -n`` is the controller, not a worker running the cells.

@@ -75,7 +75,7 @@ def test_data_ingest_pays_for_a_clean_delivery(ws):
     ("data/deliveries_dirty.csv", "release gate 'null_rate <= max_null_rate' does not hold"),
     pytest.param("data/deliveries_bad_schema.csv",
                  "schema error in data/deliveries_bad_schema.csv line 14: column amount", marks=pytest.mark.slow),
-    ("no/such/delivery.csv", "missing file: no CSV at no/such/delivery.csv"),
+    pytest.param("no/such/delivery.csv", "missing file: no CSV at no/such/delivery.csv", marks=pytest.mark.slow),
 ], ids=["null-rate", "schema", "missing-file"])
 def test_data_ingest_refunds_a_bad_delivery_with_the_validation_reason(ws, delivery, reason):
     run = ran(ws, "data_ingest.py", "--data_path", delivery)
@@ -167,7 +167,8 @@ def test_ml_pipeline_skips_deploy_unpaid_when_the_accuracy_gate_fails(ws):
 
 @pytest.mark.parametrize("stage, paid, skipped", [
     pytest.param("train", ["ingest"], ["evaluate", "deploy"], marks=pytest.mark.slow),
-    ("deploy", ["ingest", "train", "evaluate"], []),
+    # Slow: the default tier fails the pipeline at evaluate (test_a_run_whose_paid_work_failed_says_so...).
+    pytest.param("deploy", ["ingest", "train", "evaluate"], [], marks=pytest.mark.slow),
     pytest.param("ingest", [], ["train", "evaluate", "deploy"], marks=pytest.mark.slow),
     pytest.param("evaluate", ["ingest", "train"], ["deploy"], marks=pytest.mark.slow),
 ])
@@ -193,8 +194,8 @@ def test_ml_pipeline_with_a_budget_that_names_no_real_step_fails_before_any_escr
 LIVE = {"PF_ESCROW_URL": "https://escrow.example.invalid", "PF_API_KEY": "pf_live_placeholder000"}
 
 
-@pytest.mark.parametrize("flow", ["training_bounty.py", "data_ingest.py", "batch_shards.py",
-                                  "ml_pipeline_with_payments.py"])
+@pytest.mark.parametrize("flow", ["training_bounty.py", *(pytest.param(f, marks=pytest.mark.slow) for f in (
+    "data_ingest.py", "batch_shards.py", "ml_pipeline_with_payments.py"))])
 def test_on_the_live_service_a_run_without_agent_wallet_stops_before_it_starts(ws, flow):
     started = time.monotonic()
     run = ws.run_flow(flow, env=LIVE, timeout=60)
@@ -244,7 +245,8 @@ def test_runner_api_takes_the_budget_as_a_number_and_the_ledger_totals_are_exact
     assert ws.client_run(result["pathspec"])["start"].task.data.pf_budget["total_usdc"] == "12.000000"
 
 
-@pytest.mark.parametrize("budget", ["7.000001", pytest.param("12.5", marks=pytest.mark.slow)])
+# Slow: test_batch_of_20_shards_with_2_failures... splits the same 7.000001 exactly in the default tier.
+@pytest.mark.parametrize("budget", [pytest.param(b, marks=pytest.mark.slow) for b in ("7.000001", "12.5")])
 def test_a_budget_given_on_the_command_line_stays_exact(ws, budget):
     run = ran(ws, "batch_shards.py", "--num_shards", "3", "--total_budget_usdc", budget)
     ledger = ws.ledger(run.pathspec)

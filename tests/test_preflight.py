@@ -69,11 +69,13 @@ def test_paying_the_payer_itself_stops_in_start(ws):
                             "pay another agent")
 
 
+@pytest.mark.slow
 def test_an_agent_unknown_to_the_sandbox_stops_in_start(ws):
     run = ws.run_flow(ML, "--agent_wallet", "ag_nobody")
     assert_stopped_in_start(ws, run, "ag_nobody is not an agent of the sandbox at", "pf-metaflow sandbox register")
 
 
+@pytest.mark.slow
 def test_a_wallet_address_instead_of_an_agent_id_stops_in_start(ws):
     run = ws.run_flow("training_bounty.py", "--agent_wallet", "0xdeadbeef")
     assert_stopped_in_start(ws, run, "looks like an on-chain wallet address", "agent ids (ag_…)")
@@ -89,6 +91,7 @@ def test_a_remote_url_without_a_key_stops_in_start(ws):
                             "set PF_API_KEY")
 
 
+@pytest.mark.slow
 def test_a_key_over_plain_http_to_a_remote_host_stops_in_start(ws):
     run = ws.run_flow("training_bounty.py", "--agent_wallet", "ag_someone",
                       env={"PF_ESCROW_URL": "http://10.9.8.7:8765", "PF_API_KEY": "pf_live_placeholder000"})
@@ -136,6 +139,7 @@ def test_weights_that_leave_out_a_paid_step_stop_in_start(ws):
                             "give 'deploy' a weight in --step_weights")
 
 
+@pytest.mark.slow
 def test_a_zero_weight_for_a_paid_step_stops_in_start(ws):
     run = ws.run_flow(ML, "--step_weights", '{"ingest": 0.2, "train": 0.6, "evaluate": 0.2, "deploy": 0}')
     assert_stopped_in_start(ws, run, "paid step 'deploy' has no share of the budget (step_weights gives it 0")

@@ -109,8 +109,9 @@ def by_task(ledger: dict) -> dict[str, dict]:
 # -- (a) orchestrator-style task ids ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("run_id", ["orch-" + uuid.uuid4().hex[:10], "424242"],
-                         ids=["named-run", "integer-run"])
+# Slow for the named run: the default tier orchestrates named runs in the tests below.
+@pytest.mark.parametrize("run_id", [pytest.param("orch-" + uuid.uuid4().hex[:10], marks=pytest.mark.slow),
+                                    "424242"], ids=["named-run", "integer-run"])
 def test_run_with_integer_task_ids_is_read_whole_and_its_killed_shard_reconciled(ws, run_id):
     pathspec = orchestrate_with_a_killed_shard(ws, run_id)
 
@@ -302,9 +303,10 @@ def _lose_task_records(ws: Workspace, pathspec: str, task: str) -> None:
 @pytest.mark.parametrize("hide, unseen", [
     (_hide_task_elsewhere, "/work: 3 task(s) of this paid step were due (start/1 recorded 3 foreach "
                            "split(s)), but 2 can be seen here"),
-    (_spoil_task_metadata, "/work/3: its metadata could not be read (JSONDecodeError"),
-    (_lose_task_records, "/work/3: a task of a paid step with no escrow record, no recorded outcome and "
-                        "no record of its own process here"),
+    pytest.param(_spoil_task_metadata, "/work/3: its metadata could not be read (JSONDecodeError",
+                 marks=pytest.mark.slow),
+    pytest.param(_lose_task_records, "/work/3: a task of a paid step with no escrow record, no recorded outcome "
+                 "and no record of its own process here", marks=pytest.mark.slow),
 ], ids=["task-not-visible", "metadata-unreadable", "records-not-here"])
 def test_reading_that_cannot_see_a_paid_task_never_gives_the_all_clear(ws, hide, unseen):
     pathspec = orchestrate_with_a_killed_shard(ws, "orch-" + uuid.uuid4().hex[:10])

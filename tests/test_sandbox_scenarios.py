@@ -11,7 +11,6 @@ scenario ends with the conservation invariant checked on that file.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from decimal import Decimal
@@ -159,7 +158,7 @@ class ClientActor:
             timeout_hours=timeout_hours, referral_code=referral_code,
             idempotency_key=idempotency_key,
         )
-        return dataclasses.asdict(escrow)
+        return escrow._asdict()
 
     def release(self, escrow_id: str) -> dict:
         paid = self.client.release(escrow_id)
@@ -179,7 +178,7 @@ class ClientActor:
         return self.engine.dispute(self.agent_id, escrow_id, reason)
 
     def get(self, escrow_id: str) -> dict:
-        return dataclasses.asdict(self.client.get(escrow_id))
+        return self.client.get(escrow_id)._asdict()
 
     def balance(self) -> dict:
         return self.client.balance()

@@ -167,6 +167,7 @@ def test_case1_a_task_paid_before_its_artifacts_failed_to_persist_is_not_paid_ag
     ws.engine().check_invariant()
 
 
+@pytest.mark.slow
 def test_case1_the_attempt_that_runs_unpaid_does_not_log_a_payment(ws):
     """Attempt 1 pays nothing: its log must not say "released: ... paid to" a second time."""
     result = run(ws, "case_paid_twice.py")
@@ -223,6 +224,7 @@ def test_case2_retries_on_a_live_like_server_share_one_escrow(ws, start_sandbox_
     _assert_one_escrow_released_by_the_last_attempt(ws, server, result, Decimal("1.25"))
 
 
+@pytest.mark.slow
 def test_case2_budgeted_retries_on_a_live_like_server_start_and_share_one_escrow(ws, start_sandbox_server):
     server = start_sandbox_server(ws.db, *LIVE_LIKE)
     result = run(ws, "case_live_retry_budget.py", env=http_env(server))
@@ -288,6 +290,7 @@ def test_case3_escrow_refunded_under_a_running_task_fails_its_step(ws, backgroun
     _assert_refunded_and_unpaid(ws, result, escrow)
 
 
+@pytest.mark.slow
 def test_case3_escrow_refunded_under_a_running_task_is_recorded_by_catch(ws, background):
     gate = ws.path / "gate"
     bg = background(ws, "case_running_task.py", "--gate", str(gate), "--with", "catch:var=work_error")
@@ -307,6 +310,7 @@ def test_case3_escrow_refunded_under_a_running_task_is_recorded_by_catch(ws, bac
     _assert_refunded_and_unpaid(ws, result, escrow)
 
 
+@pytest.mark.slow
 def test_case3_forced_reconcile_refunds_a_running_task_whose_release_then_fails(ws, background):
     gate = ws.path / "gate"
     bg = background(ws, "case_running_task.py", "--gate", str(gate), env={"PF_LEASE_SECONDS": "10"})
