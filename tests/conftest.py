@@ -33,6 +33,9 @@ import pytest
 
 from pf_metaflow.sandbox.engine import SandboxEngine
 
+# The distributed tier's fixtures (``topo``: one running topology per module).
+pytest_plugins = ["distributed.fixtures"]
+
 _PF_ENV = ("PF_ESCROW_URL", "PF_API_KEY", "PF_REFERRAL_CODE")
 
 

@@ -48,18 +48,6 @@ distributed = pytest.mark.distributed
 # The topology (one per module) and running flows on it
 
 
-@pytest.fixture(scope="module")
-def topo(tmp_path_factory):
-    for module in ("metaflow_local_service", "moto", "boto3"):
-        pytest.importorskip(module, reason="the distributed tier needs pip install -e '.[distributed]'")
-    from distributed.services import running_topology
-
-    started = time.monotonic()
-    with running_topology(tmp_path_factory.mktemp("topology")) as topology:
-        print(f"topology up in {time.monotonic() - started:.1f} s: {topology}")
-        yield topology
-
-
 @pytest.fixture
 def payer(topo):
     return topo.new_agent("payer", fund="100")

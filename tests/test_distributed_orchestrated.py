@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -72,18 +71,6 @@ if __name__ == "__main__":
 '''
 FEE = Decimal("0.01")
 FUNDED = Decimal("100")
-
-
-@pytest.fixture(scope="module")
-def topo(tmp_path_factory):
-    for module in ("metaflow_local_service", "moto", "boto3"):
-        pytest.importorskip(module, reason="the distributed tier needs pip install -e '.[distributed]'")
-    from distributed.services import running_topology
-
-    started = time.monotonic()
-    with running_topology(tmp_path_factory.mktemp("topology")) as topology:
-        print(f"topology up in {time.monotonic() - started:.1f} s: {topology}")
-        yield topology
 
 
 @pytest.fixture
