@@ -54,9 +54,10 @@ def _resolve_run(spec: str) -> str:
         raise LookupError(f"flow {spec!r} has no runs in {where}; "
                           f"name a run as {spec}/RUN_ID to read one someone else started")
     if where is None:
-        print(f"pf-metaflow: Metaflow cannot tell who you are (no $METAFLOW_USER or $USER), so "
-              f"this is {spec}'s latest run by anyone: {latest}. Set METAFLOW_USER to the name "
-              "your runs were started with to read only yours.", file=sys.stderr)
+        print(f"pf-metaflow: Metaflow cannot tell who you are ($METAFLOW_USER is unset, and "
+              f"\"root\" is not a user name to it), so this is {spec}'s latest run by anyone: "
+              f"{latest}. Set METAFLOW_USER to the name your runs were started with to read only "
+              "yours.", file=sys.stderr)
     return latest
 
 
