@@ -41,14 +41,12 @@ exit codes:
 def _resolve_run(spec: str) -> str:
     """``FLOW/RUN`` names one run, whoever started it; ``FLOW`` alone is its latest run in
     the current namespace (the user's own), as ``Flow(FLOW).latest_run`` resolves it."""
-    from metaflow import get_namespace
-
-    from .runs import latest_run
+    from .runs import latest_run, readable_namespace
 
     if "/" in spec:
         return spec
+    where = readable_namespace()  # None: Metaflow cannot tell who you are, so anyone's runs
     latest = latest_run(spec)
-    where = get_namespace()
     if latest is None:
         where = f"namespace {where!r}" if where is not None else "any namespace"
         raise LookupError(f"flow {spec!r} has no runs in {where}; "

@@ -194,7 +194,8 @@ class _Location:
             return cls(flow, run_id, provider, _local_run_dir(provider, flow, run_id))
         try:
             # A pathspec names one run, whoever started it: no namespace check, and the
-            # user's namespace (a global of the Metaflow client) is left as it was.
+            # user's namespace (a global of the Metaflow client) is left as it was, unless
+            # Metaflow cannot tell who the user is (see readable_namespace).
             readable_namespace()
             Run(run, _namespace_check=False)
         except MetaflowNotFound as exc:
