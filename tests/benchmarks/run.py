@@ -36,7 +36,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -118,20 +117,17 @@ if __name__ == "__main__":
 # -- helpers -----------------------------------------------------------------------------------
 
 
-class SandboxServer:
-    """``pf-metaflow sandbox serve --port 0`` in a subprocess."""
+class Served:
+    """A server in a subprocess that prints ``serving on URL`` once it listens (port 0)."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, command: list[str], what: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pf_metaflow", "sandbox", "serve", "--port", "0", "--db", str(db)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-            env=env,
-        )
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        stdin=subprocess.DEVNULL, text=True, env=env)
         line = self.process.stdout.readline()
         if "serving on " not in line:
             self.stop()
-            raise RuntimeError(f"sandbox server did not start: {line!r}")
+            raise RuntimeError(f"{what} did not start: {line!r}")
         self.url = line.split("serving on ", 1)[1].split()[0]
 
     def stop(self) -> None:
@@ -141,6 +137,14 @@ class SandboxServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class SandboxServer(Served):
+    """``pf-metaflow sandbox serve --port 0`` in a subprocess."""
+
+    def __init__(self, db: Path) -> None:
+        super().__init__([sys.executable, "-m", "pf_metaflow", "sandbox", "serve", "--port", "0",
+                          "--db", str(db)], "sandbox server")
 
 
 # CPU seconds of every timed flow run, by flow file: Metaflow's runtime and all its tasks
@@ -275,7 +279,7 @@ def bench_client_vs_raw(server: SandboxServer, lifecycles: int, blocks: int) -> 
         return timed
 
     # The floor of the stack: the same two posts on one session to an app that does nothing,
-    # served by uvicorn with the h11 protocol (as the sandbox is) in a process of its own.
+    # in a process of its own.
     floor_session = requests.Session()
     with _echo_server() as echo_url:
         def floor() -> None:
@@ -300,8 +304,9 @@ def bench_client_vs_raw(server: SandboxServer, lifecycles: int, blocks: int) -> 
     ]
 
 
+# An app that does nothing, served by uvicorn with the h11 protocol (as the sandbox is).
 _ECHO_APP = """
-import sys, uvicorn
+import socket, uvicorn
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
@@ -310,34 +315,22 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": b'{"escrow_id": "x"}'})
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="h11", log_level="error",
-            lifespan="off", access_log=False)
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(128)  # connections wait in the backlog until uvicorn serves
+print(f"serving on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+uvicorn.Server(uvicorn.Config(app, http="h11", log_level="error", lifespan="off",
+                              access_log=False)).run(sockets=[sock])
 """
 
 
 @contextlib.contextmanager
 def _echo_server() -> Iterator[str]:
-    import requests
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-c", _ECHO_APP, str(port)])
-    url = f"http://127.0.0.1:{port}"
+    server = Served([sys.executable, "-c", _ECHO_APP], "the do-nothing uvicorn app")
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the do-nothing uvicorn app did not start") from None
-                time.sleep(0.05)
-        yield url
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.stop()
 
 
 def bench_engine(root: Path, lifecycles: int, blocks: int) -> tuple:
